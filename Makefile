@@ -1,0 +1,39 @@
+# Makefile - build the CPU attention kernel, install, test, run, benchmark.
+PYTHON ?= python3
+CC ?= gcc
+WARN := -Wall -Wextra
+# Fast build for this CPU; `portable` is used when the compiler refuses -march=native.
+CFLAGS_FAST := -O3 -march=native -fopenmp -fPIC -shared $(WARN)
+CFLAGS_PORTABLE := -O3 -fopenmp -fPIC -shared $(WARN)
+
+.PHONY: all debug install test run bench clean
+
+# build attn_cpu.so (native, falling back to a portable build)
+all: attn_cpu.so
+
+attn_cpu.so: attn_cpu.c
+	$(CC) $(CFLAGS_FAST) -o $@ $< -lm || $(CC) $(CFLAGS_PORTABLE) -o $@ $< -lm
+
+# debug build: no optimization, AddressSanitizer (run with LD_PRELOAD=$$(gcc -print-file-name=libasan.so))
+debug: attn_cpu.c
+	$(CC) -g -O0 -fsanitize=address -fno-omit-frame-pointer -fopenmp -fPIC -shared $(WARN) -o attn_cpu.so $< -lm
+
+# install the pinned requirements into the current Python (torch 2.13.0: the CPU wheel here)
+install:
+	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-test.txt
+
+# install, build, run every test; fails loudly
+test: install all
+	$(PYTHON) -m pytest -q tests
+
+# install, build, then the default throughput workload on opt-1.3b
+run: install all
+	$(PYTHON) fastdecode.py --model opt-1.3b
+
+# side-by-side benchmarks (kernel, rpc, e2e, model)
+bench: install all
+	$(PYTHON) bench.py kernel
+
+# remove build outputs
+clean:
+	rm -f attn_cpu.so
