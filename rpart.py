@@ -147,3 +147,18 @@ def reference_attention(q, keys, values, *, scale=None):
             p = np.exp(scores - scores.max())
             out[s, h] = (p / p.sum()) @ V[:, h // G, :]
     return out
+
+
+def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
+    """One layer of one decode step on a KV store (kvcache.KVCache): write each sequence's new
+    k, v [Hkv, D] at its position, then attend over rows [0, position]. q [S, Hq, D] -> o [S, Hq, D].
+    Every sequence is checked before anything is written, so a bad request changes nothing."""
+    for s, p in zip(seqs, positions):
+        if s not in cache.blocks:
+            raise KeyError(f"unknown sequence {s}")
+        if not 0 <= p < cache.capacity(s):
+            raise ValueError(f"sequence {s}: position {p} outside its capacity {cache.capacity(s)}")
+    for i, (s, p) in enumerate(zip(seqs, positions)):
+        cache.write(s, layer, int(p), k[i], v[i])
+    kv = [cache.views(s, layer, int(p) + 1) for s, p in zip(seqs, positions)]
+    return decode_attention(q, [a for a, _ in kv], [b for _, b in kv], num_threads=num_threads)

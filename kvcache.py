@@ -1,0 +1,135 @@
+"""kvcache.py - one R-Part worker's KV store: per-sequence K and V for every layer.
+
+The R-Part holds the KV-cache that limits a GPU's batch size; FastDecode moves it to CPU memory,
+spread over workers. Each sequence gets, at admission, one block `[2, n_layers, capacity, Hkv, D]`
+sized for prompt + max new tokens, so a sequence never grows mid-generation and a full cache is
+refused at admission, never mid-step. K and V of layer l are `[capacity, Hkv, D]` C-contiguous;
+the kernel reads the first L rows of each as views, without copies.
+
+Writes name their position (`write(seq, layer, pos, k, v)`), so a step that is retried after a
+worker failure overwrites instead of appending twice.
+
+Legend: L cached length, Hkv KV heads, D head dim.
+"""
+import dataclasses
+
+import numpy as np
+
+
+def parse_size(text):
+    """'8GiB', '512MiB', '2G', '1000000' -> bytes."""
+    t = str(text).strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6,
+             "g": 10**9, "t": 10**12, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * units[u])
+    return int(float(t))
+
+
+class KVCacheFull(Exception):
+    """The sequence does not fit in this worker's memory budget."""
+
+
+@dataclasses.dataclass
+class KVConfig:
+    n_layers: int
+    n_kv_heads: int                # Hkv
+    head_dim: int                  # D
+    dtype: str = "float16"         # or "float32"
+    mem_bytes: int = 8 * 2**30     # budget for K and V of all sequences
+
+    def __post_init__(self):
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"KV dtype must be float16 or float32, got {self.dtype!r}")
+        if min(self.n_layers, self.n_kv_heads, self.head_dim, self.mem_bytes) < 1:
+            raise ValueError(f"KVConfig fields must be positive: {self}")
+
+    @property
+    def bytes_per_token(self):
+        """K and V of one token over all layers."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+
+class KVCache:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.blocks = {}    # seq id -> [2, n_layers, capacity, Hkv, D]
+        self.lengths = {}   # seq id -> int64 [n_layers]: rows written per layer
+        self.reserved = 0   # bytes promised to admitted sequences
+
+    # --- admission ---
+
+    def can_allocate(self, capacity):
+        return self.reserved + capacity * self.cfg.bytes_per_token <= self.cfg.mem_bytes
+
+    def allocate(self, seq, capacity):
+        if seq in self.blocks:
+            raise KeyError(f"sequence {seq} already exists")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if not self.can_allocate(capacity):
+            raise KVCacheFull(f"sequence {seq}: {capacity} tokens need {capacity * self.cfg.bytes_per_token} "
+                              f"bytes, {self.free_bytes()} of {self.cfg.mem_bytes} free")
+        c = self.cfg
+        # np.empty reserves address space; pages are touched only as tokens are written.
+        self.blocks[seq] = np.empty((2, c.n_layers, capacity, c.n_kv_heads, c.head_dim), dtype=c.dtype)
+        self.lengths[seq] = np.zeros(c.n_layers, dtype=np.int64)
+        self.reserved += capacity * c.bytes_per_token
+
+    def free(self, seq):
+        block = self.blocks.pop(self._check(seq))
+        del self.lengths[seq]
+        self.reserved -= block.shape[2] * self.cfg.bytes_per_token
+
+    # --- reading and writing ---
+
+    def _check(self, seq):
+        if seq not in self.blocks:
+            raise KeyError(f"unknown sequence {seq}")
+        return seq
+
+    def capacity(self, seq):
+        return self.blocks[self._check(seq)].shape[2]
+
+    def fill(self, seq, K, V):
+        """Prefilled K, V [n_layers, L, Hkv, D] for every layer at once."""
+        block = self.blocks[self._check(seq)]
+        L = K.shape[1]
+        if K.shape != V.shape or K.shape[0] != block.shape[1] or K.shape[2:] != block.shape[3:]:
+            raise ValueError(f"sequence {seq}: prefill K/V shape {K.shape}/{V.shape} does not match "
+                             f"[n_layers={block.shape[1]}, L, {block.shape[3]}, {block.shape[4]}]")
+        if L > block.shape[2]:
+            raise KVCacheFull(f"sequence {seq}: prefill of {L} tokens exceeds capacity {block.shape[2]}")
+        block[0, :, :L] = K
+        block[1, :, :L] = V
+        self.lengths[seq][:] = L
+
+    def write(self, seq, layer, pos, k, v):
+        """k, v [Hkv, D] at row pos of layer; pos <= rows written so far (no holes)."""
+        block, n = self.blocks[self._check(seq)], self.lengths[seq]
+        if not 0 <= layer < block.shape[1]:
+            raise ValueError(f"layer {layer} out of range [0, {block.shape[1]})")
+        if not 0 <= pos <= n[layer]:
+            raise ValueError(f"sequence {seq} layer {layer}: position {pos} but {n[layer]} rows written")
+        if pos >= block.shape[2]:
+            raise KVCacheFull(f"sequence {seq}: position {pos} exceeds capacity {block.shape[2]}")
+        block[0, layer, pos] = k
+        block[1, layer, pos] = v
+        n[layer] = pos + 1
+
+    def views(self, seq, layer, length):
+        """K, V [length, Hkv, D] of layer: views into the block, no copy."""
+        block = self.blocks[self._check(seq)]
+        return block[0, layer, :length], block[1, layer, :length]
+
+    # --- accounting ---
+
+    def free_bytes(self):
+        return self.cfg.mem_bytes - self.reserved
+
+    def stats(self):
+        tokens = int(sum(int(n.max()) for n in self.lengths.values()))
+        return {"sequences": len(self.blocks), "tokens": tokens,
+                "bytes_used": tokens * self.cfg.bytes_per_token,
+                "bytes_reserved": self.reserved, "bytes_free": self.free_bytes()}

@@ -1,0 +1,116 @@
+"""scheduler.py - which sequences run each step: continuous batching and load stabilization.
+
+S-Part time grows with the number of sequences in a step; R-Part time with their total KV
+length, which grows by one token per sequence per step. If a batch of sequences starts together
+(`naive`: admit whenever a slot frees), the R-Part load ramps from B*prompt to B*(prompt+gen)
+and back: the pipeline is balanced at one moment only. FastDecode's sequence-level
+load-stabilizing schedule (`stabilized`) admits a steady trickle of sequences, about
+max_batch / gen_len per step, under a cap on the total KV tokens, so the running sequences' ages
+spread evenly and the total KV - and so the R-Part time - stays flat:
+
+    naive       KV |  /|  /|  /|        stabilized  KV | ______________
+                   | / | / | / |                       |/
+                   +------------ step                  +------------ step
+
+Also here: splitting the running batch into two micro-batches of equal KV load (the pipeline's
+A and B) and placing each new sequence on the worker with the most free KV memory.
+"""
+import dataclasses
+import math
+from collections import deque
+
+
+@dataclasses.dataclass
+class Sequence:
+    idx: int                     # request index: outputs come back in this order
+    prompt: list                 # token ids
+    max_new: int
+    ignore_eos: bool = False
+    generated: list = dataclasses.field(default_factory=list)
+    worker: int = -1             # which worker holds its KV (-1: not placed)
+    done: bool = False
+
+    @property
+    def length(self):
+        """Tokens whose K/V are (or are about to be) cached: prompt + generated so far."""
+        return len(self.prompt) + len(self.generated)
+
+    @property
+    def capacity(self):
+        return len(self.prompt) + self.max_new
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    max_batch: int = 64               # running sequences at most
+    policy: str = "stabilized"        # or "naive"
+    kv_cap: int = 0                   # total KV tokens over both micro-batches; 0: no cap
+    admit_per_step: int = 0           # stabilized pace; 0: max_batch / mean generation length
+
+    def __post_init__(self):
+        if self.policy not in ("stabilized", "naive"):
+            raise ValueError(f"policy must be 'stabilized' or 'naive', got {self.policy!r}")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+
+
+class Scheduler:
+    def __init__(self, cfg, requests):
+        self.cfg = cfg
+        self.waiting = deque(requests)
+        self.running = []
+        if cfg.admit_per_step:
+            self.pace = cfg.admit_per_step
+        else:
+            mean_gen = sum(r.max_new for r in requests) / max(1, len(requests))
+            self.pace = max(1, math.ceil(cfg.max_batch / max(1.0, mean_gen)))
+
+    def has_work(self):
+        return bool(self.waiting or self.running)
+
+    def kv_tokens(self):
+        return sum(s.length for s in self.running)
+
+    def admit(self, can_place):
+        """Sequences to prefill and add before this step. can_place(seq) -> bool says whether some
+        worker has KV room for its whole capacity (a full cache is refused here, never mid-step)."""
+        out = []
+        limit = self.cfg.max_batch if self.cfg.policy == "naive" else self.pace
+        kv = self.kv_tokens()
+        while self.waiting and len(self.running) < self.cfg.max_batch and len(out) < limit:
+            seq = self.waiting[0]
+            if self.cfg.kv_cap and self.cfg.policy == "stabilized" and self.running and kv + seq.length > self.cfg.kv_cap:
+                break
+            if not can_place(seq):
+                if not self.running and not out:
+                    raise MemoryError(f"request {seq.idx}: {seq.capacity} tokens fit on no worker even when empty")
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            out.append(seq)
+            kv += seq.length
+        return out
+
+    def retire(self):
+        """Remove finished sequences; return them."""
+        done = [s for s in self.running if s.done]
+        self.running = [s for s in self.running if not s.done]
+        return done
+
+    def split(self):
+        """Two micro-batches of about equal total KV length (greedy, longest first)."""
+        a, b, la, lb = [], [], 0, 0
+        for s in sorted(self.running, key=lambda s: -s.length):
+            if la <= lb:
+                a.append(s)
+                la += s.length
+            else:
+                b.append(s)
+                lb += s.length
+        return [sorted(m, key=lambda s: s.idx) for m in (a, b) if m]
+
+
+def place(free_bytes, need_bytes):
+    """Index of the worker with the most free KV bytes that can hold need_bytes, or -1."""
+    best = max(range(len(free_bytes)), key=lambda i: free_bytes[i], default=-1)
+    return best if best >= 0 and free_bytes[best] >= need_bytes else -1
