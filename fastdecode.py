@@ -66,7 +66,8 @@ class LocalBackend:
 
     def add(self, worker, seq_id, K, V, capacity):
         self.cache.allocate(seq_id, capacity)
-        self.cache.fill(seq_id, K, V)
+        for layer in range(K.shape[0]):
+            self.cache.fill(seq_id, layer, K[layer], V[layer])
 
     def drop(self, seq_id):
         self.cache.free(seq_id)
@@ -122,9 +123,8 @@ class LLM:
         self.sched_cfg = sched.SchedulerConfig(max_batch=max_batch, policy=schedule, kv_cap=kv_cap)
         self.kv_np_dtype = np.dtype(kv_dtype)
         if worker_hosts or workers:
-            import workers as remote  # the socket client; only needed with workers
-            self.backend = remote.RemoteBackend(self.kv_cfg, n_local=0 if worker_hosts else workers,
-                                                hosts=worker_hosts, threads=worker_threads, secret=secret)
+            self.backend = rpart.RemoteBackend(self.kv_cfg, c.n_heads, n_local=0 if worker_hosts else workers,
+                                               hosts=worker_hosts, threads=worker_threads, secret=secret)
         else:
             self.backend = LocalBackend(self.kv_cfg, worker_threads)
         self.stats = StepStats()

@@ -92,18 +92,20 @@ class KVCache:
     def capacity(self, seq):
         return self.blocks[self._check(seq)].shape[2]
 
-    def fill(self, seq, K, V):
-        """Prefilled K, V [n_layers, L, Hkv, D] for every layer at once."""
+    def fill(self, seq, layer, K, V):
+        """Prefilled K, V [L, Hkv, D] of one layer (the worker receives one layer per frame)."""
         block = self.blocks[self._check(seq)]
-        L = K.shape[1]
-        if K.shape != V.shape or K.shape[0] != block.shape[1] or K.shape[2:] != block.shape[3:]:
+        if not 0 <= layer < block.shape[1]:
+            raise ValueError(f"layer {layer} out of range [0, {block.shape[1]})")
+        L = K.shape[0]
+        if K.shape != V.shape or K.ndim != 3 or K.shape[1:] != block.shape[3:]:
             raise ValueError(f"sequence {seq}: prefill K/V shape {K.shape}/{V.shape} does not match "
-                             f"[n_layers={block.shape[1]}, L, {block.shape[3]}, {block.shape[4]}]")
-        if L > block.shape[2]:
-            raise KVCacheFull(f"sequence {seq}: prefill of {L} tokens exceeds capacity {block.shape[2]}")
-        block[0, :, :L] = K
-        block[1, :, :L] = V
-        self.lengths[seq][:] = L
+                             f"[L, {block.shape[3]}, {block.shape[4]}]")
+        if not 1 <= L <= block.shape[2]:
+            raise KVCacheFull(f"sequence {seq}: prefill of {L} tokens outside capacity {block.shape[2]}")
+        block[0, layer, :L] = K
+        block[1, layer, :L] = V
+        self.lengths[seq][layer] = L
 
     def write(self, seq, layer, pos, k, v):
         """k, v [Hkv, D] at row pos of layer; pos <= rows written so far (no holes)."""

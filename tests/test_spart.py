@@ -40,7 +40,8 @@ def reference_logits(sp, tokens, prompt_len, kv_dtype="float32"):
     cache = kvcache.KVCache(kvcache.KVConfig(c.n_layers, c.n_kv_heads, c.head_dim, kv_dtype, 2**28))
     logits, K, V = sp.prefill(tokens[:prompt_len])
     cache.allocate(0, len(tokens))
-    cache.fill(0, K.numpy().astype(kv_dtype), V.numpy().astype(kv_dtype))
+    for layer in range(c.n_layers):
+        cache.fill(0, layer, K[layer].numpy().astype(kv_dtype), V[layer].numpy().astype(kv_dtype))
     rows = [logits]
     with torch.inference_mode():
         for pos in range(prompt_len, len(tokens) - 1):

@@ -1,0 +1,237 @@
+"""R-Part workers over sockets: equality with the in-process loop, fuzzing, secrets, faults."""
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fastdecode
+import kvcache
+import rpart
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [[2, 17, 45, 99, 3, 200, 7], [2, 80], [2, 5, 6, 7, 8, 9, 10, 11], [2, 9, 9], [2, 31, 41, 59, 26]]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_tokens_through_workers_equal_in_process(checkpoint, workers, pipeline):
+    d, _ = checkpoint("llama-gqa")
+    with fastdecode.LLM(d, workers=0, quiet=True) as ref:
+        want = [o.token_ids for o in ref.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)]
+    with fastdecode.LLM(d, workers=workers, pipeline=pipeline, quiet=True) as llm:
+        got = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)]
+        if workers == 2:
+            assert all(st["sequences"] == 0 for st in llm.backend.stats()), "finished sequences are dropped"
+    assert got == want
+
+
+# --- a worker under fuzz ---
+
+
+@pytest.fixture
+def worker():
+    procs, addrs = rpart.spawn_workers(1, threads=1, kv_mem=2**26)
+    yield procs[0], addrs[0]
+    procs[0].kill()
+    procs[0].join(5)
+
+
+def valid_client(addr, kv):
+    c = rpart.WorkerClient(*addr, timeout=10)
+    c.configure(kv, 4)
+    return c
+
+
+KV = kvcache.KVConfig(n_layers=2, n_kv_heads=2, head_dim=16, dtype="float16", mem_bytes=2**26)
+
+
+def decode_payload(S, ids=None, pos=None, hq=4, hkv=2, d=16, kdt=np.float16):
+    ids = np.arange(S, dtype=np.uint64) if ids is None else np.asarray(ids, np.uint64)
+    pos = np.zeros(S, np.uint32) if pos is None else np.asarray(pos, np.uint32)
+    return [ids, pos, np.ones((S, hq, d), np.float32), np.ones((S, hkv, d), kdt), np.ones((S, hkv, d), kdt)]
+
+
+def malformed_requests(rng):
+    """(type, meta, payload) that are well framed but wrong: each must get an ERROR reply."""
+    yield rpart.DECODE, (0, 1), decode_payload(1, ids=[999])                   # unknown sequence
+    yield rpart.DECODE, (0, 2), decode_payload(2, ids=[7, 7])                  # duplicate ids
+    yield rpart.DECODE, (5, 1), decode_payload(1, ids=[7])                     # layer out of range
+    yield rpart.DECODE, (0, 1), decode_payload(1, ids=[7], pos=[10_000])       # past capacity
+    yield rpart.DECODE, (0, 1), decode_payload(1, ids=[7], hq=3)               # wrong shape
+    yield rpart.DECODE, (0, 1), decode_payload(1, ids=[7], kdt=np.float32)     # wrong dtype
+    yield rpart.DECODE, (0, 3), decode_payload(1, ids=[7])                     # S disagrees with payload
+    yield rpart.DECODE, (0, 0), []                                             # empty batch
+    yield rpart.ADD, (7, 10), []                                               # duplicate sequence
+    yield rpart.ADD, (8, 10**9), []                                            # capacity exceeded
+    yield rpart.FILL, (7, 0, 20), [np.ones((20, 2, 16), np.float16)] * 2       # more than capacity
+    yield rpart.FILL, (7, 0, 3), [np.ones((3, 2, 16), np.float16)]             # V missing
+    yield rpart.DROP, (12345,), []                                             # unknown sequence
+    yield rpart.CONFIGURE, (2, 3, 4, 16, 0), []                                # Hq % Hkv
+    yield rpart.CONFIGURE, (2, 2, 4, 12, 0), []                                # D % 8
+    yield rpart.CONFIGURE, (2, 2, 4, 16, 9), []                                # dtype code
+    yield rpart.OK, (), [rng.bytes(int(rng.integers(0, 64)))]                  # not a request
+
+
+def raw_connect(addr):
+    s = socket.create_connection(addr, timeout=5)
+    hello = s.recv(rpart.HEADER.size + rpart.META[rpart.HELLO].size)
+    assert hello[:4] == rpart.MAGIC
+    return s
+
+
+def test_fuzz_2000_malformed_frames_then_serves_correctly(worker):
+    proc, addr = worker
+    rng = np.random.default_rng()
+    c = valid_client(addr, KV)
+    c.call(rpart.ADD, (7, 12))
+    sent = errors = closed = 0
+    for rnd in range(125):
+        for mtype, meta, payload in malformed_requests(rng):   # framed: ERROR and the connection lives on
+            with pytest.raises(RuntimeError, match="worker"):
+                c.call(mtype, meta, payload)
+            sent, errors = sent + 1, errors + 1
+        s = raw_connect(addr)
+        rpart.send_frame(s, rpart.AUTH, (bytes(32),))
+        kind = rnd % 5
+        if kind == 0:
+            s.sendall(rng.bytes(int(rng.integers(1, 4096))))                    # random bytes
+        elif kind == 1:
+            s.sendall(rpart.HEADER.pack(rpart.MAGIC, 1, rpart.DECODE, 0, 8, 100)[:int(rng.integers(1, 19))])  # truncated
+        elif kind == 2:
+            s.sendall(rpart.HEADER.pack(b"XXXX", 1, rpart.STATS, 0, 0, 0))       # wrong magic
+        elif kind == 3:
+            s.sendall(rpart.HEADER.pack(rpart.MAGIC, 99, rpart.STATS, 0, 0, 0))  # wrong version
+        else:
+            s.sendall(rpart.HEADER.pack(rpart.MAGIC, 1, rpart.FILL, 0, 16, 2**40))  # oversize
+        try:
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            data = s.recv(1 << 16)
+        except OSError:  # already closed or reset by the worker
+            data = b""
+        s.close()
+        # the worker closes the connection, or answers an ERROR frame first (random bytes that
+        # happened to form a valid header); never anything else
+        assert data == b"" or (data[:4] == rpart.MAGIC and data[5] == rpart.ERROR), data[:32]
+        sent, closed = sent + 1, closed + 1
+    assert sent >= 2000, sent
+    assert proc.is_alive(), "the worker died"
+    check_valid_decode(addr)
+
+
+def check_valid_decode(addr):
+    """A fresh client gets correct attention from the worker after all that."""
+    c = valid_client(addr, KV)
+    rng = np.random.default_rng(1)
+    K, V = (rng.standard_normal((2, 5, 2, 16)).astype(np.float16) for _ in range(2))
+    c.add(100, 8, K, V)
+    q = rng.standard_normal((1, 4, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((1, 2, 16)).astype(np.float16) for _ in range(2))
+    c.send_decode(1, [100], [5], q, k, v)
+    o, _ = c.recv_out((1, 4, 16))
+    want = rpart.reference_attention(q, [np.concatenate([K[1], k])], [np.concatenate([V[1], v])])
+    assert np.abs(o - want).max() < 2e-3
+    c.call(rpart.DROP, (100,))
+
+
+# --- secrets and binding ---
+
+
+def run_worker_cli(*args):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "rpart.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_listening_beyond_loopback_without_secret_is_refused():
+    p = run_worker_cli("--listen", "0.0.0.0:0")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "shared secret" in err
+
+
+def test_wrong_secret_is_refused_right_one_works(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("correct horse battery staple")
+    port = free_port()
+    p = run_worker_cli("--listen", f"127.0.0.1:{port}", "--secret-file", str(secret), "--kv-mem", "64MiB")
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        with pytest.raises(PermissionError):
+            rpart.WorkerClient("127.0.0.1", port, timeout=5)
+        bad = rpart.WorkerClient("127.0.0.1", port, secret=b"wrong", timeout=5)
+        with pytest.raises((RuntimeError, ConnectionError)):
+            bad.configure(KV, 4)
+        good = rpart.WorkerClient("127.0.0.1", port, secret=b"correct horse battery staple", timeout=5)
+        good.configure(KV, 4)
+        assert good.stats()["sequences"] == 0
+        good.call(rpart.SHUTDOWN)
+        p.wait(timeout=10)
+    finally:
+        p.kill()
+        p.communicate()
+
+
+# --- faults ---
+
+
+def kill_when(llm, worker, after_tokens):
+    def run():
+        while llm.stats.decode_tokens < after_tokens:
+            time.sleep(0.001)
+        os.kill(llm.backend.procs[worker].pid, signal.SIGKILL)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_sigkill_mid_generation_loses_no_token(checkpoint):
+    d, _ = checkpoint("opt-preln")
+    prompts = PROMPTS * 2
+    with fastdecode.LLM(d, workers=0, quiet=True) as ref:
+        want = [o.token_ids for o in ref.generate(prompts, max_new_tokens=40, ignore_eos=True)]
+    with fastdecode.LLM(d, workers=2, quiet=True) as llm:
+        procs = list(llm.backend.procs)
+        t = kill_when(llm, 0, 60)
+        start = time.time()
+        got = [o.token_ids for o in llm.generate(prompts, max_new_tokens=40, ignore_eos=True)]
+        t.join(1)
+        assert time.time() - start < 60
+        assert llm.backend.free[0] == -1, "the kill happened during generation"
+    assert got == want
+    time.sleep(0.5)
+    assert not any(p.is_alive() for p in procs), "a worker process was left behind"
+
+
+def test_no_survivor_is_a_clear_error(checkpoint):
+    d, _ = checkpoint("opt-preln")
+    with fastdecode.LLM(d, workers=1, quiet=True) as llm:
+        kill_when(llm, 0, 5)
+        with pytest.raises(RuntimeError, match="no worker survives"):
+            llm.generate(PROMPTS, max_new_tokens=200, ignore_eos=True)
+
+
+def test_full_kv_cache_is_refused_at_admission(checkpoint):
+    d, _ = checkpoint("opt-preln")
+    with fastdecode.LLM(d, workers=1, kv_mem="100KB", quiet=True) as llm:
+        with pytest.raises(MemoryError, match="fit on no worker"):
+            llm.generate([[2] * 100], max_new_tokens=100)
+        # small requests still run, one at a time as the budget allows
+        out = llm.generate([[2, 3]] * 3, max_new_tokens=4, ignore_eos=True)
+        assert all(len(o.token_ids) == 4 for o in out)
