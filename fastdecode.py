@@ -20,7 +20,10 @@ keeps them balanced over time. `--no-pipeline` runs one batch serially (same tok
 
 Legend: S sequences in a micro-batch, H hidden, Hq/Hkv heads, D head dim, V vocabulary.
 """
+import argparse
 import dataclasses
+import hashlib
+import json
 import os
 import time
 
@@ -74,7 +77,7 @@ class LocalBackend:
 
     def submit(self, layer, seqs, positions, q, k, v):
         t = time.perf_counter()
-        o = rpart.attend_step(self.cache, layer, seqs, positions, q, k, v, num_threads=self.threads)
+        o = kvcache.attend_step(self.cache, layer, seqs, positions, q, k, v, num_threads=self.threads)
         self.r_busy += time.perf_counter() - t
         return o
 
@@ -107,6 +110,7 @@ class StepStats:
     kv_per_step: list = dataclasses.field(default_factory=list)
     decode_tokens: int = 0
     prefill_tokens: int = 0
+    kv_peak: dict = dataclasses.field(default_factory=dict)   # worker -> most KV tokens held
 
 
 class LLM:
@@ -157,7 +161,13 @@ class LLM:
         """Prefill `tokens` on the device; ship K/V to the worker with the most free KV memory.
         Returns the last position's logits [V]."""
         t = time.perf_counter()
-        logits, K, V = self.spart.prefill(tokens)            # K, V [n_layers, L, Hkv, D]
+        decode_threads = torch.get_num_threads()
+        if self.spart.device.type == "cpu":  # the workers idle during prefill: use every core
+            torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            logits, K, V = self.spart.prefill(tokens)        # K, V [n_layers, L, Hkv, D]
+        finally:
+            torch.set_num_threads(decode_threads)
         seq.worker = sched.place(self.backend.free_bytes(), seq.capacity * self.kv_cfg.bytes_per_token)
         if seq.worker < 0:
             raise MemoryError(f"request {seq.idx}: no worker has room for {seq.capacity} tokens")
@@ -281,6 +291,9 @@ class LLM:
                     continue
                 micro = sc.split() if self.pipeline else [sorted(sc.running, key=lambda s: s.idx)]
                 self.stats.kv_per_step.append(sc.kv_tokens())
+                for s in sc.running:
+                    self.stats.kv_peak[s.worker] = max(self.stats.kv_peak.get(s.worker, 0),
+                                                       sum(x.length for x in sc.running if x.worker == s.worker))
                 t = time.perf_counter()
                 logits = self._decode_step(micro)
                 order = [s for mb in micro for s in mb]
@@ -300,3 +313,163 @@ class LLM:
     def _retire(self, sc):
         for s in sc.retire():
             self.backend.drop(s.idx)
+
+
+# --- trace: Chrome/Perfetto JSON, one track for the S-Part and one per worker ---
+
+
+class Tracer:
+    def __init__(self):
+        self.events, self.t0, self.open = [], time.perf_counter(), {}
+        self.step = 0
+
+    def _us(self):
+        return (time.perf_counter() - self.t0) * 1e6
+
+    def s_begin(self, mb, layer, what):
+        self.open["S"] = self._us()
+
+    def s_end(self, mb, layer, what):
+        name = f"{what} L{layer} {mb['name'] if mb else ''}".strip()
+        self.events.append({"name": name, "cat": "S-Part", "ph": "X", "pid": 1, "tid": 0, "ts": self.open["S"],
+                            "dur": self._us() - self.open["S"], "args": {"step": self.step, "layer": layer}})
+        if what == "head":
+            self.step += 1
+
+    def r_begin(self, mb, layer):
+        self.open[("R", mb["name"])] = self._us()
+
+    def r_end(self, mb, layer):
+        start = self.open.pop(("R", mb["name"]))
+        h = mb["handle"]
+        workers = sorted({w for w, _ in h[0]}) if isinstance(h, tuple) else [0]
+        for w in workers:
+            self.events.append({"name": f"attn L{layer} {mb['name']}", "cat": "R-Part", "ph": "X", "pid": 1,
+                                "tid": 1 + w, "ts": start, "dur": self._us() - start,
+                                "args": {"step": self.step, "layer": layer, "micro_batch": mb["name"]}})
+
+    def save(self, path, n_workers):
+        names = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "S-Part"}}]
+        names += [{"name": "thread_name", "ph": "M", "pid": 1, "tid": 1 + w, "args": {"name": f"R-Part worker {w}"}}
+                  for w in range(max(1, n_workers))]
+        with open(path, "w") as f:
+            json.dump({"traceEvents": names + self.events, "displayTimeUnit": "ms"}, f)
+
+
+# --- the CLI: a synthetic throughput workload, or completions ---
+
+
+def gen_lengths(spec, n, rng):
+    """'64' -> [64]*n; '32-128' -> uniform integers in [32, 128]."""
+    if "-" in str(spec):
+        lo, hi = (int(x) for x in str(spec).split("-"))
+        return rng.integers(lo, hi + 1, n).tolist()
+    return [int(spec)] * n
+
+
+def report(llm, outs, wall, args):
+    st, n_workers = llm.stats, len(llm.backend.free_bytes())
+    gen = sum(len(o.token_ids) for o in outs)
+    steps = np.array(st.step_ms or [0.0])
+    r_busy = llm.backend.r_busy / max(1, n_workers)   # average per worker: they run in parallel
+    rep = {
+        "model": args.model, "requests": len(outs), "generated_tokens": gen, "workers": n_workers,
+        "pipeline": llm.pipeline, "schedule": llm.sched_cfg.policy,
+        "decode_tok_s": st.decode_tokens / max(1e-9, st.decode_wall), "total_tok_s": gen / max(1e-9, wall),
+        "wall_s": wall, "prefill_s": st.prefill_wall, "decode_s": st.decode_wall,
+        "step_ms_p50": float(np.percentile(steps, 50)), "step_ms_p99": float(np.percentile(steps, 99)),
+        "s_busy_s": st.s_busy, "r_busy_s": r_busy,
+        "overlap_efficiency": max(st.s_busy, r_busy) / max(1e-9, st.decode_wall),
+        "kv_tokens_peak_per_worker": {str(k): v for k, v in sorted(st.kv_peak.items())},
+        "tokens_sha256": hashlib.sha256(np.array([t for o in outs for t in o.token_ids], np.int64).tobytes()).hexdigest(),
+    }
+    print(f"\n{args.model}: {len(outs)} requests, {gen} tokens in {wall:.1f} s "
+          f"({n_workers} worker(s), {'pipelined' if llm.pipeline else 'serial'}, {llm.sched_cfg.policy})")
+    print(f"  throughput   decode {rep['decode_tok_s']:.1f} tok/s, total {rep['total_tok_s']:.1f} tok/s")
+    print(f"  time         prefill {st.prefill_wall:.1f} s, decode {st.decode_wall:.1f} s; "
+          f"step p50 {rep['step_ms_p50']:.0f} ms, p99 {rep['step_ms_p99']:.0f} ms")
+    print(f"  busy         S-Part {st.s_busy:.1f} s, R-Part {r_busy:.1f} s (per worker); "
+          f"overlap efficiency {rep['overlap_efficiency']:.2f}")
+    print(f"  KV held      peak tokens per worker {rep['kv_tokens_peak_per_worker']}")
+    return rep
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="FastDecode: S-Part on the GPU (or CPU), R-Part on CPU workers.")
+    a = p.add_argument
+    a("--model", default="opt-1.3b", help="short name (opt-1.3b), hub repo id, or checkpoint directory")
+    a("--workers", type=int, default=1, help="local R-Part worker processes to spawn (0: in-process)")
+    a("--worker-hosts", default=None, help="comma-separated host:port of running workers (instead of spawning)")
+    a("--secret-file", default=None, help="shared secret for workers beyond loopback")
+    a("--num-requests", type=int, default=16, help="synthetic workload: number of requests")
+    a("--prompt-len", type=int, default=64, help="synthetic workload: prompt tokens per request")
+    a("--gen-len", default="32", help="synthetic workload: tokens to generate, a number or a range LO-HI")
+    a("--max-batch", type=int, default=32, help="most sequences running at once")
+    a("--kv-cap", type=int, default=0, help="cap on total KV tokens of the running batch (0: none)")
+    a("--kv-dtype", default="float16", choices=["float16", "float32"], help="KV-cache element type")
+    a("--kv-mem", default="8GiB", help="KV memory budget per worker")
+    a("--device", default=None, help="S-Part device (default: cuda if available, else cpu)")
+    a("--dtype", default=None, help="S-Part dtype (default: fp16/bf16 on CUDA, float32 on CPU)")
+    a("--worker-threads", type=int, default=None, help="attention threads per local worker")
+    a("--no-pipeline", action="store_true", help="run one batch serially instead of two micro-batches")
+    a("--schedule", default="stabilized", choices=["stabilized", "naive"], help="admission policy")
+    a("--trace", default=None, help="write a Chrome/Perfetto trace JSON here")
+    a("--prompt", action="append", default=None, help="a text prompt (repeatable): print completions")
+    a("--prompt-ids", default=None, help="a prompt as comma-separated token ids: print the completion")
+    a("--max-new-tokens", type=int, default=64, help="tokens to generate for --prompt/--prompt-ids")
+    a("--temperature", type=float, default=0.0, help="0: greedy")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    a("--seed", type=int, default=0, help="seed for the workload and for sampling")
+    a("--json", action="store_true", help="print the report as one JSON object on the last line")
+    return p.parse_args(argv)
+
+
+def default_threads(args, device):
+    """On a CPU-only machine the S-Part and the workers share the cores: split them."""
+    cores = os.cpu_count() or 1
+    if args.worker_hosts or args.workers == 0:
+        return args.worker_threads
+    wt = args.worker_threads or max(1, cores // (args.workers + (device == "cpu")))
+    if device == "cpu":
+        torch.set_num_threads(max(1, cores - args.workers * wt))
+    return wt
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    wt = default_threads(args, device)
+    secret = open(args.secret_file, "rb").read().strip() if args.secret_file else None
+    tracer = Tracer() if args.trace else None
+    with LLM(args.model, workers=args.workers, worker_hosts=args.worker_hosts.split(",") if args.worker_hosts else None,
+             device=args.device, dtype=args.dtype, kv_dtype=args.kv_dtype, kv_mem=args.kv_mem, worker_threads=wt,
+             pipeline=not args.no_pipeline, schedule=args.schedule, max_batch=args.max_batch, kv_cap=args.kv_cap,
+             secret=secret, trace=tracer) as llm:
+        if args.prompt or args.prompt_ids:
+            prompts = (args.prompt or []) + ([[int(t) for t in args.prompt_ids.split(",")]] if args.prompt_ids else [])
+            t = time.perf_counter()
+            outs = llm.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, progress=False)
+            wall = time.perf_counter() - t
+            for p, o in zip(prompts, outs):
+                print(f"--- {p!r}\n{o.text if o.text is not None else o.token_ids}")
+        else:
+            rng = np.random.default_rng(args.seed)
+            V = llm.spart.cfg.vocab_size
+            prompts = [rng.integers(4, V, args.prompt_len).tolist() for _ in range(args.num_requests)]
+            print(f"workload: {args.num_requests} requests, prompt {args.prompt_len}, gen {args.gen_len} tokens (ignore EOS)")
+            t = time.perf_counter()
+            outs = llm.generate(prompts, max_new_tokens=gen_lengths(args.gen_len, args.num_requests, rng),
+                                temperature=args.temperature, top_p=args.top_p, seed=args.seed, ignore_eos=True,
+                                progress=True)
+            wall = time.perf_counter() - t
+        rep = report(llm, outs, wall, args)
+        if tracer:
+            tracer.save(args.trace, len(llm.backend.free_bytes()))
+            print(f"  trace        {args.trace} (open in https://ui.perfetto.dev)")
+    if args.json:
+        print(json.dumps(rep))
+
+
+if __name__ == "__main__":
+    main()

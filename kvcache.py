@@ -15,6 +15,8 @@ import dataclasses
 
 import numpy as np
 
+import rpart
+
 
 def parse_size(text):
     """'8GiB', '512MiB', '2G', '1000000' -> bytes."""
@@ -135,3 +137,21 @@ class KVCache:
         return {"sequences": len(self.blocks), "tokens": tokens,
                 "bytes_used": tokens * self.cfg.bytes_per_token,
                 "bytes_reserved": self.reserved, "bytes_free": self.free_bytes()}
+
+
+# --- one layer of a decode step on the store ---
+
+
+def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
+    """One layer of one decode step on a KV store (kvcache.KVCache): write each sequence's new
+    k, v [Hkv, D] at its position, then attend over rows [0, position]. q [S, Hq, D] -> o [S, Hq, D].
+    Every sequence is checked before anything is written, so a bad request changes nothing."""
+    for s, p in zip(seqs, positions):
+        if s not in cache.blocks:
+            raise KeyError(f"unknown sequence {s}")
+        if not 0 <= p < cache.capacity(s):
+            raise ValueError(f"sequence {s}: position {p} outside its capacity {cache.capacity(s)}")
+    for i, (s, p) in enumerate(zip(seqs, positions)):
+        cache.write(s, layer, int(p), k[i], v[i])
+    kv = [cache.views(s, layer, int(p) + 1) for s, p in zip(seqs, positions)]
+    return rpart.decode_attention(q, [a for a, _ in kv], [b for _, b in kv], num_threads=num_threads)

@@ -67,18 +67,14 @@ def load_kernel():
                                             ctypes.c_int, ctypes.c_int, ctypes.c_float,
                                             ctypes.c_int, P]
         lib.fd_decode_attention.restype = ctypes.c_int
-        lib.fd_read_probe.argtypes = [P, ctypes.c_size_t, ctypes.c_int]
-        lib.fd_read_probe.restype = ctypes.c_uint64
-        lib.fd_simd.argtypes = []
-        lib.fd_simd.restype = ctypes.c_char_p
-        lib.fd_max_threads.argtypes = []
-        lib.fd_max_threads.restype = ctypes.c_int
+        lib.fd_read_probe.argtypes, lib.fd_read_probe.restype = [P, ctypes.c_size_t, ctypes.c_int], ctypes.c_uint64
+        lib.fd_simd.argtypes, lib.fd_simd.restype = [], ctypes.c_char_p
+        lib.fd_max_threads.argtypes, lib.fd_max_threads.restype = [], ctypes.c_int
         _lib = lib
         return lib
 
 
-def kernel_info():
-    """{'simd': 'avx512' | 'avx2+f16c' | 'scalar', 'max_threads': n} of the loaded kernel."""
+def kernel_info():  # {'simd': 'avx512' | 'avx2+f16c' | 'scalar', 'max_threads': n}
     lib = load_kernel()
     return {"simd": lib.fd_simd().decode(), "max_threads": lib.fd_max_threads()}
 
@@ -167,21 +163,6 @@ def reference_attention(q, keys, values, *, scale=None):
     return out
 
 
-def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
-    """One layer of one decode step on a KV store (kvcache.KVCache): write each sequence's new
-    k, v [Hkv, D] at its position, then attend over rows [0, position]. q [S, Hq, D] -> o [S, Hq, D].
-    Every sequence is checked before anything is written, so a bad request changes nothing."""
-    for s, p in zip(seqs, positions):
-        if s not in cache.blocks:
-            raise KeyError(f"unknown sequence {s}")
-        if not 0 <= p < cache.capacity(s):
-            raise ValueError(f"sequence {s}: position {p} outside its capacity {cache.capacity(s)}")
-    for i, (s, p) in enumerate(zip(seqs, positions)):
-        cache.write(s, layer, int(p), k[i], v[i])
-    kv = [cache.views(s, layer, int(p) + 1) for s, p in zip(seqs, positions)]
-    return decode_attention(q, [a for a, _ in kv], [b for _, b in kv], num_threads=num_threads)
-
-
 # --- wire protocol ---
 
 MAGIC, VERSION = b"FDR1", 1
@@ -205,8 +186,8 @@ META = {  # fixed binary meta per message type
 KV_DTYPES = {0: np.float16, 1: np.float32}
 
 
-class ProtocolError(Exception):
-    """The peer broke framing: the connection cannot continue."""
+class ProtocolError(Exception):  # the peer broke framing: the connection cannot continue
+    pass
 
 
 class WorkerLost(Exception):
@@ -285,7 +266,7 @@ class Worker:
     """One R-Part worker's state: the model dims it was configured with and its KV store."""
 
     def __init__(self, threads=None, kv_mem=8 * 2**30):
-        import kvcache
+        import kvcache  # here, not at the top: kvcache imports this module for the kernel
         self.kvcache, self.threads, self.kv_mem = kvcache, threads, kv_mem
         self.cache = self.n_heads = None
         self.lock = threading.Lock()   # connections are threads; the store is shared
@@ -324,7 +305,7 @@ class Worker:
             if len(set(ids.tolist())) != S:
                 raise ValueError("duplicate sequence ids in one decode call")
             t = time.perf_counter_ns()
-            o = attend_step(self.cache, layer, ids.tolist(), pos.tolist(), q, k, v, num_threads=self.threads)
+            o = self.kvcache.attend_step(self.cache, layer, ids.tolist(), pos.tolist(), q, k, v, num_threads=self.threads)
             return OUT, (S, time.perf_counter_ns() - t), (o,)
         if mtype == DROP:
             self.cache.free(meta[0])
@@ -481,10 +462,7 @@ class WorkerClient:
         return dict(zip(keys, self.call(STATS, expect=STATS_REPLY)[0]))
 
     def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        self.sock.close()
 
 
 class RemoteBackend:
@@ -506,21 +484,17 @@ class RemoteBackend:
             raise
 
     def _spawn(self, n, threads, kv_mem):
-        procs, addrs = spawn_workers(n, threads=threads, kv_mem=kv_mem)
-        self.procs += procs
+        self.procs, addrs = spawn_workers(n, threads=threads, kv_mem=kv_mem)
         return addrs
 
-    def free_bytes(self):
+    def free_bytes(self):  # per worker; -1 for a lost one
         return list(self.free)
-
-    def _lost(self, w, e):
-        return WorkerLost(w, f"{type(e).__name__}: {e}")
 
     def add(self, worker, seq, K, V, capacity):
         try:
             self.clients[worker].add(seq, capacity, K, V)
         except (ConnectionError, OSError, ProtocolError) as e:
-            raise self._lost(worker, e) from e
+            raise WorkerLost(worker, repr(e)) from e
         self.where[seq] = worker
         self.free[worker] -= capacity * self.kv_cfg.bytes_per_token
 
@@ -530,7 +504,7 @@ class RemoteBackend:
             try:
                 self.clients[w].call(DROP, (seq,))
             except (ConnectionError, OSError, ProtocolError) as e:
-                raise self._lost(w, e) from e
+                raise WorkerLost(w, repr(e)) from e
             self.free[w] = self.clients[w].stats()["bytes_free"]
 
     def submit(self, layer, seqs, positions, q, k, v):
@@ -544,7 +518,7 @@ class RemoteBackend:
             try:
                 self.clients[w].send_decode(layer, [seqs[i] for i in idx], [positions[i] for i in idx], q[idx], k[idx], v[idx])
             except (ConnectionError, OSError) as e:
-                raise self._lost(w, e) from e
+                raise WorkerLost(w, repr(e)) from e
             handle.append((w, idx))
         return handle, q.shape
 
@@ -556,7 +530,7 @@ class RemoteBackend:
             try:
                 o, secs = self.clients[w].recv_out((len(idx),) + shape[1:])
             except (ConnectionError, OSError, ProtocolError) as e:
-                raise self._lost(w, e) from e
+                raise WorkerLost(w, repr(e)) from e
             out[idx] = o
             self.r_busy += secs
         return out

@@ -16,7 +16,6 @@ Also here: splitting the running batch into two micro-batches of equal KV load (
 A and B) and placing each new sequence on the worker with the most free KV memory.
 """
 import dataclasses
-import math
 from collections import deque
 
 
@@ -60,10 +59,11 @@ class Scheduler:
         self.waiting = deque(requests)
         self.running = []
         if cfg.admit_per_step:
-            self.pace = cfg.admit_per_step
-        else:
+            self.pace = float(cfg.admit_per_step)
+        else:  # fractional: 32 slots / 64-token generations = one admission every other step
             mean_gen = sum(r.max_new for r in requests) / max(1, len(requests))
-            self.pace = max(1, math.ceil(cfg.max_batch / max(1.0, mean_gen)))
+            self.pace = cfg.max_batch / max(1.0, mean_gen)
+        self.credit = 1.0  # admissions earned but not yet made (the first step may admit one)
 
     def has_work(self):
         return bool(self.waiting or self.running)
@@ -75,7 +75,11 @@ class Scheduler:
         """Sequences to prefill and add before this step. can_place(seq) -> bool says whether some
         worker has KV room for its whole capacity (a full cache is refused here, never mid-step)."""
         out = []
-        limit = self.cfg.max_batch if self.cfg.policy == "naive" else self.pace
+        if self.cfg.policy == "naive":
+            limit = self.cfg.max_batch
+        else:  # earn `pace` admissions per step; spend whole ones; never bank more than a step's worth
+            self.credit = min(self.credit + self.pace, max(1.0, self.pace) + 1.0) if self.running else max(self.credit, 1.0)
+            limit = int(self.credit)
         kv = self.kv_tokens()
         while self.waiting and len(self.running) < self.cfg.max_batch and len(out) < limit:
             seq = self.waiting[0]
@@ -89,6 +93,8 @@ class Scheduler:
             self.running.append(seq)
             out.append(seq)
             kv += seq.length
+        if self.cfg.policy == "stabilized":
+            self.credit -= len(out)
         return out
 
     def retire(self):
