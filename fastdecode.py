@@ -21,6 +21,7 @@ keeps them balanced over time. `--no-pipeline` runs one batch serially (same tok
 Legend: S sequences in a micro-batch, H hidden, Hq/Hkv heads, D head dim, V vocabulary.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -223,21 +224,18 @@ class LLM:
         self.stats.step_ms.append(1e3 * (time.perf_counter() - t0))
         return logits
 
+    @contextlib.contextmanager
     def _s_span(self, mb, layer, what):
         """Times S-Part work (and traces it when a tracer is set)."""
-        engine = self
-
-        class Span:
-            def __enter__(self):
-                self.t = time.perf_counter()
-                if engine.tracer:
-                    engine.tracer.s_begin(mb, layer, what)
-
-            def __exit__(self, *exc):
-                engine.stats.s_busy += time.perf_counter() - self.t
-                if engine.tracer:
-                    engine.tracer.s_end(mb, layer, what)
-        return Span()
+        t = time.perf_counter()
+        if self.tracer:
+            self.tracer.s_begin(mb, layer, what)
+        try:
+            yield
+        finally:
+            self.stats.s_busy += time.perf_counter() - t
+            if self.tracer:
+                self.tracer.s_end(mb, layer, what)
 
     # --- generation ---
 
@@ -291,9 +289,11 @@ class LLM:
                     continue
                 micro = sc.split() if self.pipeline else [sorted(sc.running, key=lambda s: s.idx)]
                 self.stats.kv_per_step.append(sc.kv_tokens())
+                held = {}
                 for s in sc.running:
-                    self.stats.kv_peak[s.worker] = max(self.stats.kv_peak.get(s.worker, 0),
-                                                       sum(x.length for x in sc.running if x.worker == s.worker))
+                    held[s.worker] = held.get(s.worker, 0) + s.length
+                for w, n in held.items():
+                    self.stats.kv_peak[w] = max(self.stats.kv_peak.get(w, 0), n)
                 t = time.perf_counter()
                 logits = self._decode_step(micro)
                 order = [s for mb in micro for s in mb]

@@ -391,12 +391,10 @@ class SPart:
         T = h.shape[0]
         if c.family == "opt":
             x = self._norm(p + "self_attn_layer_norm", h) if c.pre_ln else h
-            a = p + "self_attn."
-            q, k, v = self._linear(a + "q_proj", x), self._linear(a + "k_proj", x), self._linear(a + "v_proj", x)
         else:
             x = self._norm(p + "input_layernorm", h)
-            a = p + "self_attn."
-            q, k, v = self._linear(a + "q_proj", x), self._linear(a + "k_proj", x), self._linear(a + "v_proj", x)
+        a = p + "self_attn."
+        q, k, v = self._linear(a + "q_proj", x), self._linear(a + "k_proj", x), self._linear(a + "v_proj", x)
         q = q.view(T, c.n_heads, c.head_dim)
         k, v = k.view(T, c.n_kv_heads, c.head_dim), v.view(T, c.n_kv_heads, c.head_dim)
         if c.family == "llama":
