@@ -235,3 +235,71 @@ def test_full_kv_cache_is_refused_at_admission(checkpoint):
         # small requests still run, one at a time as the budget allows
         out = llm.generate([[2, 3]] * 3, max_new_tokens=4, ignore_eos=True)
         assert all(len(o.token_ids) == 4 for o in out)
+
+
+# --- several hosts: a worker in its own network namespace ---
+
+
+def sh(*cmd):
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this one by a veth pair: host side 10.213.x.1, namespace
+    side 10.213.x.2. Yields (namespace name, its address); removes both afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a network namespace (ip netns + veth)")
+    ns, sub = f"fdtest{os.getpid()}", os.getpid() % 250 + 1
+    host_if, ns_if = f"fdh{os.getpid()}"[:15], f"fdn{os.getpid()}"[:15]
+    try:
+        sh("ip", "netns", "add", ns)
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"cannot create a network namespace here: {e}")
+    try:
+        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        sh("ip", "link", "set", ns_if, "netns", ns)
+        sh("ip", "addr", "add", f"10.213.{sub}.1/24", "dev", host_if)
+        sh("ip", "link", "set", host_if, "up")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"10.213.{sub}.2/24", "dev", ns_if)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        yield ns, f"10.213.{sub}.2"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # takes the veth pair with it
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_worker_on_another_host_in_a_network_namespace(checkpoint, netns, tmp_path):
+    ns, addr = netns
+    d, _ = checkpoint("llama-gqa")
+    secret = tmp_path / "secret"
+    secret.write_text("namespace secret")
+    # the namespace's worker must refuse to start without a secret: 10.213.x.2 is not loopback
+    p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, os.path.join(HERE, "rpart.py"),
+                        "--listen", f"{addr}:7001"], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "shared secret" in p.stderr
+    w = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, os.path.join(HERE, "rpart.py"),
+                          "--listen", f"{addr}:7001", "--secret-file", str(secret), "--threads", "1",
+                          "--kv-mem", "64MiB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection((addr, 7001), timeout=1).close()
+                break
+            except OSError:
+                assert w.poll() is None, w.communicate()
+                time.sleep(0.1)
+        with pytest.raises(PermissionError):  # reachable from here, but not without the secret
+            rpart.WorkerClient(addr, 7001, timeout=5)
+        with fastdecode.LLM(d, workers=0, quiet=True) as ref:
+            want = [o.token_ids for o in ref.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)]
+        with fastdecode.LLM(d, worker_hosts=[f"{addr}:7001"], secret=b"namespace secret", quiet=True) as llm:
+            assert llm.backend.clients[0].addr == f"{addr}:7001"
+            got = [o.token_ids for o in llm.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)]
+            assert llm.backend.stats()[0]["sequences"] == 0
+        assert got == want
+    finally:
+        w.kill()
+        w.communicate()
