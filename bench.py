@@ -18,26 +18,24 @@ import numpy as np
 
 import rpart
 
+rpart.short_openmp_spin()  # as the engine runs (before torch loads libgomp): see there
+from perfmodel import best_time, read_bandwidth  # noqa: E402  (imports torch)
+
 # --- timing helpers ---
 
 
-def best_time(fn, reps=5, min_time=0.3):
-    """Best of `reps` calls (and at least `min_time` seconds of calls): the least-disturbed run."""
-    fn()  # warm up: page faults, thread pool start
-    best, spent, n = float("inf"), 0.0, 0
-    while n < reps or spent < min_time:
-        t = time.perf_counter()
+def best_times_interleaved(fns, reps=9):
+    """Best time of each of `fns`, called in turn round after round, so that a noisy neighbour
+    slows all contenders alike instead of whichever ran during the disturbance."""
+    for fn in fns:
         fn()
-        dt = time.perf_counter() - t
-        best, spent, n = min(best, dt), spent + dt, n + 1
+    best = [float("inf")] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
     return best
-
-
-def read_bandwidth(threads, nbytes=1 << 28):
-    """STREAM-like read over `threads` threads of a buffer far larger than the caches, in GB/s."""
-    buf = np.ones(nbytes, dtype=np.uint8)
-    lib = rpart.load_kernel()
-    return nbytes / best_time(lambda: lib.fd_read_probe(buf.ctypes.data, nbytes, threads), 7) / 1e9
 
 
 # --- bench kernel ---
@@ -108,6 +106,218 @@ def bench_kernel(args):
     print(json.dumps(summary))
 
 
+# --- bench rpc ---
+
+
+def rpc_row(client, S, L, threads, rng, next_id):
+    """One decode call through the worker vs the kernel alone on the same K, V, q."""
+    import kvcache
+    Hq, Hkv, D = SHAPES["opt-1.3b"]
+    q = rng.standard_normal((S, Hq, D), dtype=np.float32)
+    K = [rng.standard_normal((L, Hkv, D), dtype=np.float32).astype(np.float16) for _ in range(S)]
+    V = [rng.standard_normal((L, Hkv, D), dtype=np.float32).astype(np.float16) for _ in range(S)]
+    ids = list(range(next_id, next_id + S))
+    for i, s in enumerate(ids):  # the worker holds L-1 tokens; the call appends token L-1 and attends
+        client.add(s, L, K[i][None, :L - 1], V[i][None, :L - 1])
+    k, v = np.stack([x[L - 1] for x in K]), np.stack([x[L - 1] for x in V])
+    pos, worker_s = [L - 1] * S, []
+
+    def call():
+        client.send_decode(0, ids, pos, q, k, v)
+        o, secs = client.recv_out((S, Hq, D))
+        worker_s.append(secs)
+        return o
+    t_rpc, t_kernel = best_times_interleaved([call, lambda: rpart.decode_attention(q, K, V, num_threads=threads)])
+    err = float(np.abs(call() - rpart.decode_attention(q, K, V, num_threads=threads)).max())
+    for s in ids:
+        client.call(rpart.DROP, (s,))
+    wire = q.nbytes + k.nbytes + v.nbytes + S * (8 + 4) + q.nbytes  # q, k, v, ids, positions out; o back
+    kv_bytes = 2 * S * L * Hkv * D * 2
+    return {"S": S, "L": L, "rpc_ms": t_rpc * 1e3, "kernel_ms": t_kernel * 1e3, "worker_kernel_ms": min(worker_s) * 1e3,
+            "overhead": t_rpc / t_kernel - 1, "payload_mb": wire / 1e6,
+            "payload_gbs": wire / max(t_rpc - min(worker_s), 1e-9) / 1e9,
+            "kv_gbs": kv_bytes / t_rpc / 1e9, "max_abs_diff": err}
+
+
+def bench_rpc(args):
+    """A decode call over loopback (OPT-1.3b shapes, fp16 KV) beside the kernel's own time."""
+    import kvcache
+    Hq, Hkv, D = SHAPES["opt-1.3b"]
+    threads = rpart.kernel_info()["max_threads"]
+    batches = [1, 8, 32] if args.quick else [1, 4, 16, 32, 64, 128]
+    L = args.length
+    kv = kvcache.KVConfig(1, Hkv, D, "float16", 2 * max(batches) * L * Hkv * D * 2 + 2**26)
+    procs, addrs = rpart.spawn_workers(1, threads=threads, kv_mem=kv.mem_bytes)
+    print(f"one local worker ({threads} threads) over loopback; OPT-1.3b shapes Hq=Hkv={Hq}, D={D}, fp16 KV, "
+          f"length {L}; rpc = send q,k,v + append + attend + receive o; best of 9 calls each, interleaved")
+    hdr = (f"{'S':>4} | {'rpc ms':>8} {'kernel ms':>9} {'in worker':>9} | {'overhead':>8} | "
+           f"{'payload MB':>10} {'GB/s':>6} | {'KV GB/s':>7}")
+    print(hdr + "\n" + "-" * len(hdr))
+    rows, rng, next_id = [], np.random.default_rng(0), 0
+    try:
+        client = rpart.WorkerClient(*addrs[0])
+        client.configure(kv, Hq)
+        for S in batches:
+            r = rpc_row(client, S, L, threads, rng, next_id)
+            next_id += S
+            assert r["max_abs_diff"] < 1e-3, r  # the worker computed what the kernel computes
+            rows.append(r)
+            print(f"{S:>4} | {r['rpc_ms']:8.2f} {r['kernel_ms']:9.2f} {r['worker_kernel_ms']:9.2f} | "
+                  f"{100 * r['overhead']:7.1f}% | {r['payload_mb']:10.2f} {r['payload_gbs']:6.2f} | {r['kv_gbs']:7.1f}", flush=True)
+        client.call(rpart.SHUTDOWN)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            p.kill()
+    key = next((r for r in rows if r["S"] == 32), rows[-1])
+    print(json.dumps({"S": key["S"], "L": L, "overhead_32": round(key["overhead"], 4),
+                      "rpc_ms": round(key["rpc_ms"], 3), "kernel_ms": round(key["kernel_ms"], 3),
+                      "payload_gbs": round(key["payload_gbs"], 3), "rows": rows if args.json else len(rows)}))
+
+
+# --- bench e2e ---
+
+E2E_CONFIGS = [("opt-125m", 16, 128), ("opt-125m", 16, 1024), ("opt-1.3b", 16, 128), ("opt-1.3b", 8, 1024)]
+
+
+def hf_twin(sp):
+    """A transformers OPT model that shares the S-Part's (random) weights, without copies."""
+    import spart
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+    c = sp.cfg
+    hc = OPTConfig(vocab_size=c.vocab_size, hidden_size=c.hidden, num_hidden_layers=c.n_layers, ffn_dim=c.ffn,
+                   num_attention_heads=c.n_heads, max_position_embeddings=c.max_pos, word_embed_proj_dim=c.embed_dim,
+                   do_layer_norm_before=c.pre_ln, bos_token_id=c.bos_id, eos_token_id=c.eos_id, pad_token_id=1)
+    with torch.device("meta"):
+        hf = OPTForCausalLM(hc)
+    tied = {"lm_head.weight": "embed_tokens.weight"}
+    hf.load_state_dict({n: sp.w[tied.get(n, spart.canonical_name(n))] for n in hf.state_dict()},
+                       assign=True, strict=True)
+    return hf.eval()
+
+
+def run_hf(hf, prompts, gen):
+    """transformers generate(), greedy, exactly `gen` tokens. Decode time runs from the first
+    token (after prefill) to the last, timed by a logits processor called once per token."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+    ids, clock = torch.tensor(prompts), Clock()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen, min_new_tokens=gen,
+                          do_sample=False, logits_processor=LogitsProcessorList([clock]))
+    wall = time.perf_counter() - t
+    B = len(prompts)
+    return {"decode_tok_s": B * (gen - 1) / (clock.times[-1] - clock.times[0]), "total_tok_s": B * gen / wall,
+            "tokens": out[:, ids.shape[1]:].tolist()}
+
+
+def run_engine(llm, prompts, gen):
+    import fastdecode
+    llm.stats = fastdecode.StepStats()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, max_new_tokens=gen, ignore_eos=True, progress=False)
+    wall, st = time.perf_counter() - t, llm.stats
+    r_busy = llm.backend.r_busy
+    return {"decode_tok_s": st.decode_tokens / st.decode_wall, "total_tok_s": len(prompts) * gen / wall,
+            "tokens": [o.token_ids for o in outs], "s_busy": st.s_busy, "decode_s": st.decode_wall, "r_busy_total": r_busy}
+
+
+def bench_e2e(args):
+    """The engine (S-Part on this CPU, one local worker, naive admission so the whole batch runs
+    at once as in generate()) against transformers generate() on the same weights and prompts."""
+    import fastdecode
+    import torch
+    cores = os.cpu_count()
+    configs = [c for c in E2E_CONFIGS if c[0] in args.models]
+    print(f"engine: S-Part on cpu (float32), 1 local worker, fp16 KV, serial (both sides share {cores} cores); "
+          f"transformers {__import__('transformers').__version__}: float32, DynamicCache, {cores} threads. "
+          f"gen {args.gen_len} tokens, greedy; best of {args.rounds} alternating rounds")
+    hdr = (f"{'model':<9}{'B':>3}{'prompt':>7} | {'decode tok/s':>12} {'hf':>7} {'ratio':>6} | "
+           f"{'total tok/s':>11} {'hf':>7} {'ratio':>6} | {'same tokens':>11}")
+    print(hdr + "\n" + "-" * len(hdr))
+    rows, loaded = [], {}
+    for model, B, P in configs:
+        if model not in loaded:
+            for llm, _ in loaded.values():
+                llm.close()
+            loaded.clear()
+            llm = fastdecode.LLM(model, workers=1, max_batch=B, schedule="naive", quiet=True)
+            loaded[model] = (llm, hf_twin(llm.spart))
+        llm, hf = loaded[model]
+        llm.sched_cfg.max_batch = B
+        rng = np.random.default_rng(P)
+        prompts = [rng.integers(4, llm.spart.cfg.vocab_size, P).tolist() for _ in range(B)]
+        eng, ref = [], []
+        for _ in range(args.rounds):
+            torch.set_num_threads(cores)
+            eng.append(run_engine(llm, prompts, args.gen_len))
+            torch.set_num_threads(cores)
+            ref.append(run_hf(hf, prompts, args.gen_len))
+        best = lambda runs, k: max(r[k] for r in runs)
+        same = np.mean([a == b for x, y in zip(eng[0]["tokens"], ref[0]["tokens"]) for a, b in zip(x, y)])
+        row = {"model": model, "batch": B, "prompt": P, "gen": args.gen_len,
+               "decode_tok_s": best(eng, "decode_tok_s"), "hf_decode_tok_s": best(ref, "decode_tok_s"),
+               "total_tok_s": best(eng, "total_tok_s"), "hf_total_tok_s": best(ref, "total_tok_s"),
+               "same_tokens": float(same)}
+        row["decode_ratio"] = row["decode_tok_s"] / row["hf_decode_tok_s"]
+        row["total_ratio"] = row["total_tok_s"] / row["hf_total_tok_s"]
+        rows.append(row)
+        print(f"{model:<9}{B:>3}{P:>7} | {row['decode_tok_s']:12.1f} {row['hf_decode_tok_s']:7.1f} "
+              f"{row['decode_ratio']:5.2f}x | {row['total_tok_s']:11.1f} {row['hf_total_tok_s']:7.1f} "
+              f"{row['total_ratio']:5.2f}x | {100 * same:10.1f}%", flush=True)
+    for llm, _ in loaded.values():
+        llm.close()
+    summary = {f"decode_ratio_p{P}": round(min(r["decode_ratio"] for r in rows if r["prompt"] == P), 3)
+               for P in sorted({r["prompt"] for r in rows})}
+    print(json.dumps({**summary, "rows": rows}))
+
+
+# --- bench model ---
+
+MODEL_CONFIGS = [("opt-125m", 16, 128), ("opt-125m", 16, 1024), ("opt-1.3b", 4, 128), ("opt-1.3b", 16, 256)]
+
+
+def bench_model(args):
+    """The performance model's predicted decode throughput beside fastdecode's measured one."""
+    import fastdecode
+    import perfmodel
+    prof = perfmodel.load_profile()
+    if prof is None:
+        raise SystemExit(f"no profile at {perfmodel.PROFILE}: run `python perfmodel.py calibrate` first")
+    print(f"profile {perfmodel.PROFILE}: read {prof['read_gbs']:.1f} GB/s, kernel fp16 {prof['kernel']['float16']:.1f} GB/s, "
+          f"S-Part on {prof['device']}. Engine: 1 local worker, serial, naive admission, gen {args.gen_len}")
+    hdr = f"{'model':<9}{'B':>3}{'prompt':>7} | {'predicted':>9} {'measured':>9} tok/s | {'error':>6} | {'S':>6} {'R':>6} {'X':>6} ms (pred)"
+    print(hdr + "\n" + "-" * len(hdr))
+    rows, llm, loaded = [], None, None
+    for model, B, P in MODEL_CONFIGS:
+        if loaded != model:
+            if llm:
+                llm.close()
+            llm, loaded = fastdecode.LLM(model, workers=1, max_batch=B, schedule="naive", quiet=True), model
+        llm.sched_cfg.max_batch = B
+        rng = np.random.default_rng(P)
+        prompts = [rng.integers(4, llm.spart.cfg.vocab_size, P).tolist() for _ in range(B)]
+        measured = max(run_engine(llm, prompts, args.gen_len)["decode_tok_s"] for _ in range(args.rounds))
+        step, parts = perfmodel.host_step(prof, llm.spart.cfg, B, P + args.gen_len / 2)
+        row = {"model": model, "batch": B, "prompt": P, "predicted_tok_s": B / step, "measured_tok_s": measured}
+        row["rel_error"] = abs(row["predicted_tok_s"] - measured) / measured
+        rows.append(row)
+        print(f"{model:<9}{B:>3}{P:>7} | {row['predicted_tok_s']:9.1f} {measured:9.1f}       | {100 * row['rel_error']:5.1f}% | "
+              f"{parts['s'] * 1e3:6.1f} {parts['r'] * 1e3:6.1f} {parts['x'] * 1e3:6.1f}", flush=True)
+    llm.close()
+    print(json.dumps({"max_rel_error": round(max(r["rel_error"] for r in rows), 4), "rows": rows}))
+
+
 # --- main ---
 
 
@@ -117,8 +327,19 @@ def main(argv=None):
     k = sub.add_parser("kernel", help="attn_cpu.c vs torch SDPA vs memory read bandwidth")
     k.add_argument("--quick", action="store_true", help="length 2048 only")
     k.add_argument("--json", action="store_true", help="put every row in the closing JSON line")
+    r = sub.add_parser("rpc", help="a decode call through a worker over loopback vs the kernel alone")
+    r.add_argument("--quick", action="store_true", help="batches 1, 8, 32 only")
+    r.add_argument("--length", type=int, default=2048, help="KV length per sequence (default 2048)")
+    r.add_argument("--json", action="store_true", help="put every row in the closing JSON line")
+    e = sub.add_parser("e2e", help="the engine vs transformers generate() on the same random weights")
+    e.add_argument("--models", nargs="+", default=["opt-125m", "opt-1.3b"], help="models to run")
+    e.add_argument("--gen-len", type=int, default=32, help="tokens generated per request")
+    e.add_argument("--rounds", type=int, default=1, help="alternating rounds per contender (best kept)")
+    m = sub.add_parser("model", help="the performance model's prediction vs measured throughput")
+    m.add_argument("--gen-len", type=int, default=16, help="tokens generated per request")
+    m.add_argument("--rounds", type=int, default=2, help="runs per configuration (best kept)")
     args = p.parse_args(argv)
-    {"kernel": bench_kernel}[args.what](args)
+    {"kernel": bench_kernel, "rpc": bench_rpc, "e2e": bench_e2e, "model": bench_model}[args.what](args)
 
 
 if __name__ == "__main__":

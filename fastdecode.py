@@ -29,12 +29,16 @@ import os
 import time
 
 import numpy as np
-import torch
 
-import kvcache
 import rpart
-import scheduler as sched
-import spart
+
+rpart.short_openmp_spin()  # before torch loads libgomp: see there
+import torch  # noqa: E402
+
+import kvcache  # noqa: E402
+import perfmodel  # noqa: E402
+import scheduler as sched  # noqa: E402
+import spart  # noqa: E402
 
 # --- sampling ---
 
@@ -109,6 +113,7 @@ class StepStats:
     prefill_wall: float = 0.0
     step_ms: list = dataclasses.field(default_factory=list)
     kv_per_step: list = dataclasses.field(default_factory=list)
+    batch_per_step: list = dataclasses.field(default_factory=list)
     decode_tokens: int = 0
     prefill_tokens: int = 0
     kv_peak: dict = dataclasses.field(default_factory=dict)   # worker -> most KV tokens held
@@ -116,14 +121,19 @@ class StepStats:
 
 class LLM:
     """FastDecode engine. `LLM(model, workers=1)` spawns local R-Part workers; `workers=0` keeps
-    the KV in this process (the reference loop); `worker_hosts=["h:p", ...]` uses running ones."""
+    the KV in this process (the reference loop); `worker_hosts=["h:p", ...]` uses running ones.
+    pipeline=None picks: two micro-batches when the S-Part has a GPU or the workers are on other
+    hosts; one serial batch when both sides would share this machine's CPU cores (overlapping
+    them there only makes them compete, see the README)."""
 
     def __init__(self, model, *, workers=1, worker_hosts=None, device=None, dtype=None,
-                 kv_dtype="float16", kv_mem="8GiB", worker_threads=None, pipeline=True,
+                 kv_dtype="float16", kv_mem="8GiB", worker_threads=None, pipeline=None,
                  schedule="stabilized", max_batch=64, kv_cap=0, secret=None, trace=None, quiet=False):
         self.spart = spart.SPart.load(model, device=device, dtype=dtype, quiet=quiet)
         c = self.spart.cfg
         self.kv_cfg = kvcache.KVConfig(c.n_layers, c.n_kv_heads, c.head_dim, kv_dtype, kvcache.parse_size(kv_mem))
+        if pipeline is None:  # overlap pays where the two sides have their own hardware
+            pipeline = self.spart.device.type != "cpu" or bool(worker_hosts)
         self.pipeline, self.quiet, self.tracer = pipeline, quiet, trace
         self.sched_cfg = sched.SchedulerConfig(max_batch=max_batch, policy=schedule, kv_cap=kv_cap)
         self.kv_np_dtype = np.dtype(kv_dtype)
@@ -289,6 +299,7 @@ class LLM:
                     continue
                 micro = sc.split() if self.pipeline else [sorted(sc.running, key=lambda s: s.idx)]
                 self.stats.kv_per_step.append(sc.kv_tokens())
+                self.stats.batch_per_step.append(len(sc.running))
                 held = {}
                 for s in sc.running:
                     held[s.worker] = held.get(s.worker, 0) + s.length
@@ -367,7 +378,18 @@ def gen_lengths(spec, n, rng):
     return [int(spec)] * n
 
 
-def report(llm, outs, wall, args):
+def predicted_decode_tok_s(llm, prof):
+    """What the performance model predicts for the decode steps that ran (their batch sizes and
+    KV lengths), on the machine the profile describes; None without a profile."""
+    st = llm.stats
+    if prof is None or not st.batch_per_step:
+        return None
+    secs = sum(perfmodel.host_step(prof, llm.spart.cfg, b, kv / b, kv_dtype=llm.kv_cfg.dtype, pipelined=llm.pipeline)[0]
+               for b, kv in zip(st.batch_per_step, st.kv_per_step))
+    return sum(st.batch_per_step) / secs
+
+
+def report(llm, outs, wall, args, prof=None):
     st, n_workers = llm.stats, len(llm.backend.free_bytes())
     gen = sum(len(o.token_ids) for o in outs)
     steps = np.array(st.step_ms or [0.0])
@@ -381,6 +403,7 @@ def report(llm, outs, wall, args):
         "s_busy_s": st.s_busy, "r_busy_s": r_busy,
         "overlap_efficiency": max(st.s_busy, r_busy) / max(1e-9, st.decode_wall),
         "kv_tokens_peak_per_worker": {str(k): v for k, v in sorted(st.kv_peak.items())},
+        "predicted_decode_tok_s": predicted_decode_tok_s(llm, prof),
         "tokens_sha256": hashlib.sha256(np.array([t for o in outs for t in o.token_ids], np.int64).tobytes()).hexdigest(),
     }
     print(f"\n{args.model}: {len(outs)} requests, {gen} tokens in {wall:.1f} s "
@@ -391,6 +414,11 @@ def report(llm, outs, wall, args):
     print(f"  busy         S-Part {st.s_busy:.1f} s, R-Part {r_busy:.1f} s (per worker); "
           f"overlap efficiency {rep['overlap_efficiency']:.2f}")
     print(f"  KV held      peak tokens per worker {rep['kv_tokens_peak_per_worker']}")
+    if rep["predicted_decode_tok_s"] is None:
+        print(f"  model        no calibration profile ({perfmodel.PROFILE}): run `python perfmodel.py calibrate`")
+    else:
+        print(f"  model        predicted decode {rep['predicted_decode_tok_s']:.1f} tok/s for these steps "
+              f"(measured/predicted {rep['decode_tok_s'] / rep['predicted_decode_tok_s']:.2f})")
     return rep
 
 
@@ -404,14 +432,16 @@ def parse_args(argv=None):
     a("--num-requests", type=int, default=16, help="synthetic workload: number of requests")
     a("--prompt-len", type=int, default=64, help="synthetic workload: prompt tokens per request")
     a("--gen-len", default="32", help="synthetic workload: tokens to generate, a number or a range LO-HI")
-    a("--max-batch", type=int, default=32, help="most sequences running at once")
-    a("--kv-cap", type=int, default=0, help="cap on total KV tokens of the running batch (0: none)")
+    a("--max-batch", type=int, default=None, help="most sequences running at once (default: from the perf model, else 32)")
+    a("--kv-cap", type=int, default=None, help="cap on the running batch's KV tokens (default: from the perf model, else none)")
     a("--kv-dtype", default="float16", choices=["float16", "float32"], help="KV-cache element type")
     a("--kv-mem", default="8GiB", help="KV memory budget per worker")
     a("--device", default=None, help="S-Part device (default: cuda if available, else cpu)")
     a("--dtype", default=None, help="S-Part dtype (default: fp16/bf16 on CUDA, float32 on CPU)")
     a("--worker-threads", type=int, default=None, help="attention threads per local worker")
-    a("--no-pipeline", action="store_true", help="run one batch serially instead of two micro-batches")
+    a("--pipeline", dest="pipeline", action="store_true", default=None,
+      help="two micro-batches (default where the S-Part has a GPU or workers are remote)")
+    a("--no-pipeline", dest="pipeline", action="store_false", help="run one batch serially")
     a("--schedule", default="stabilized", choices=["stabilized", "naive"], help="admission policy")
     a("--trace", default=None, help="write a Chrome/Perfetto trace JSON here")
     a("--prompt", action="append", default=None, help="a text prompt (repeatable): print completions")
@@ -425,14 +455,26 @@ def parse_args(argv=None):
 
 
 def default_threads(args, device):
-    """On a CPU-only machine the S-Part and the workers share the cores: split them."""
+    """Worker threads. On a CPU-only machine the S-Part and local workers share the cores: run
+    serially, each side gets them all; pipelined, they are split between the two sides."""
     cores = os.cpu_count() or 1
     if args.worker_hosts or args.workers == 0:
         return args.worker_threads
-    wt = args.worker_threads or max(1, cores // (args.workers + (device == "cpu")))
-    if device == "cpu":
+    if device == "cpu" and args.pipeline:
+        wt = args.worker_threads or max(1, cores // (args.workers + 1))
         torch.set_num_threads(max(1, cores - args.workers * wt))
-    return wt
+        return wt
+    return args.worker_threads or max(1, cores // args.workers)
+
+
+def apply_plan(llm, prof, args, mean_gen):
+    """Batch size and KV cap from the performance model, where the command line left them open."""
+    p = perfmodel.plan(prof, llm.spart.cfg, args.prompt_len, mean_gen, kv_mem_bytes=llm.kv_cfg.mem_bytes,
+                       workers=len(llm.backend.free_bytes()), pipelined=llm.pipeline, kv_dtype=llm.kv_cfg.dtype)
+    llm.sched_cfg = dataclasses.replace(llm.sched_cfg, max_batch=args.max_batch or p["max_batch"],
+                                        kv_cap=p["kv_cap"] if args.kv_cap is None else args.kv_cap)
+    print(f"perf model plan: max batch {llm.sched_cfg.max_batch}, KV cap {llm.sched_cfg.kv_cap} tokens "
+          f"(predicted {p['tok_s']:.1f} tok/s at batch {p['max_batch']})")
 
 
 def main(argv=None):
@@ -441,9 +483,10 @@ def main(argv=None):
     wt = default_threads(args, device)
     secret = open(args.secret_file, "rb").read().strip() if args.secret_file else None
     tracer = Tracer() if args.trace else None
+    prof = perfmodel.load_profile()
     with LLM(args.model, workers=args.workers, worker_hosts=args.worker_hosts.split(",") if args.worker_hosts else None,
              device=args.device, dtype=args.dtype, kv_dtype=args.kv_dtype, kv_mem=args.kv_mem, worker_threads=wt,
-             pipeline=not args.no_pipeline, schedule=args.schedule, max_batch=args.max_batch, kv_cap=args.kv_cap,
+             pipeline=args.pipeline, schedule=args.schedule, max_batch=args.max_batch or 32, kv_cap=args.kv_cap or 0,
              secret=secret, trace=tracer) as llm:
         if args.prompt or args.prompt_ids:
             prompts = (args.prompt or []) + ([[int(t) for t in args.prompt_ids.split(",")]] if args.prompt_ids else [])
@@ -457,13 +500,16 @@ def main(argv=None):
             rng = np.random.default_rng(args.seed)
             V = llm.spart.cfg.vocab_size
             prompts = [rng.integers(4, V, args.prompt_len).tolist() for _ in range(args.num_requests)]
+            gens = gen_lengths(args.gen_len, args.num_requests, rng)
             print(f"workload: {args.num_requests} requests, prompt {args.prompt_len}, gen {args.gen_len} tokens (ignore EOS)")
+            if prof is not None and (args.max_batch is None or args.kv_cap is None):
+                apply_plan(llm, prof, args, float(np.mean(gens)))
             t = time.perf_counter()
-            outs = llm.generate(prompts, max_new_tokens=gen_lengths(args.gen_len, args.num_requests, rng),
+            outs = llm.generate(prompts, max_new_tokens=gens,
                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, ignore_eos=True,
                                 progress=True)
             wall = time.perf_counter() - t
-        rep = report(llm, outs, wall, args)
+        rep = report(llm, outs, wall, args, prof)
         if tracer:
             tracer.save(args.trace, len(llm.backend.free_bytes()))
             print(f"  trace        {args.trace} (open in https://ui.perfetto.dev)")

@@ -376,7 +376,18 @@ def serve(host="127.0.0.1", port=0, *, threads=None, kv_mem=8 * 2**30, secret=No
     srv.close()
 
 
+def short_openmp_spin():
+    """After each parallel region libgomp's threads spin ~300,000 iterations (milliseconds)
+    before they sleep. Where the S-Part (torch, same libgomp) and local workers share the cores,
+    that spinning steals the other side's time: spin briefly, then sleep. Takes effect only
+    before libgomp loads (torch or the kernel); OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the
+    user win."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+
 def _spawned_worker(port_queue, threads, kv_mem, parent_pid):
+    short_openmp_spin()
     serve("127.0.0.1", 0, threads=threads, kv_mem=kv_mem, ready=port_queue.put, parent_pid=parent_pid)
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Hugging Face checkpoints written by the tests themselves."""
 import os
 import sys
+import tempfile
 
 import zlib
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Tests never read the user's calibration profile; the ones that need one write their own.
+os.environ["FASTDECODE_PROFILE"] = os.path.join(tempfile.mkdtemp(prefix="fd-test-"), "profile.json")
 
 VOCAB = 256
 

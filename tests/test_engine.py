@@ -69,7 +69,7 @@ def test_placement_prefers_most_free_and_refuses_when_none_fit():
 def test_trace_structure(checkpoint, tmp_path):
     d, _ = checkpoint("opt-preln")
     tr = fastdecode.Tracer()
-    with fastdecode.LLM(d, workers=1, trace=tr, quiet=True) as llm:
+    with fastdecode.LLM(d, workers=1, trace=tr, pipeline=True, quiet=True) as llm:
         llm.generate([[2, 3, 4], [2, 5], [2, 6, 7, 8]], max_new_tokens=6, ignore_eos=True)
         tr.save(tmp_path / "t.json", 1)
     ev = json.load(open(tmp_path / "t.json"))["traceEvents"]
@@ -95,13 +95,14 @@ def run_cli(*args):
 def test_cli_pipeline_and_serial_give_the_same_tokens(checkpoint):
     d, _ = checkpoint("llama-gqa")
     common = ["--model", d, "--num-requests", "12", "--prompt-len", "20", "--gen-len", "4-24", "--max-batch", "8", "--json"]
-    a = run_cli(*common)
+    a = run_cli(*common, "--pipeline")
     b = run_cli(*common, "--no-pipeline")
     c = run_cli(*common, "--workers", "0")
     for key in ("model", "requests", "generated_tokens", "decode_tok_s", "total_tok_s", "step_ms_p50",
                 "step_ms_p99", "s_busy_s", "r_busy_s", "overlap_efficiency", "tokens_sha256"):
         assert key in a
     assert a["tokens_sha256"] == b["tokens_sha256"] == c["tokens_sha256"]
+    assert a["pipeline"] and not b["pipeline"]
     assert a["requests"] == 12 and 12 * 4 <= a["generated_tokens"] <= 12 * 24
 
 
@@ -111,3 +112,9 @@ def test_cli_prompt_ids_prints_completion(checkpoint):
                           "--max-new-tokens", "5", "--workers", "0"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "--- [2, 5, 6]" in out.stdout
+
+
+def test_pipeline_default_is_serial_when_both_sides_share_the_cpu(checkpoint):
+    d, _ = checkpoint("opt-preln")
+    with fastdecode.LLM(d, workers=0, device="cpu", quiet=True) as llm:
+        assert llm.pipeline is False

@@ -42,3 +42,69 @@ def test_choice_respects_capacity_and_gpu_only_cap():
     assert r["batch_size"] <= r["cpu_capacity_batch"]
     # A10: 24 GB * 0.9 - 13.5 GB of weights leaves ~8 GB: 12 sequences of 1280 tokens at 512 KiB
     assert r["gpu_only_batch"] == int((24e9 * 0.9 - L7.weight_count() * 2) // (524288 * 1280))
+
+
+# --- calibration and the host model ---
+
+PROF = {"spart": {"per_weight_s": 4e-11, "per_weight_seq_s": 1e-11, "per_layer_s": 1e-4},
+        "kernel": {"float16": 20.0, "float32": 25.0, "call_s": 5e-5},
+        "loopback": {"latency_s": 3e-5, "gbs": 1.0, "rpc_call_s": 1e-4, "rpc_per_seq_s": 2e-6}}
+
+
+def test_fit_spart_recovers_known_costs():
+    a, c, g = 3e-11, 2e-12, 2e-4
+    points = [(w, n, b, w * (a + c * b) + n * g) for w, n in ((1.25e8, 12), (1.3e9, 24)) for b in (1, 4, 16, 32)]
+    fit = pm.fit_spart(points)
+    assert abs(fit["per_weight_s"] - a) / a < 1e-6
+    assert abs(fit["per_weight_seq_s"] - c) / c < 1e-6
+    assert abs(fit["per_layer_s"] - g) / g < 1e-6
+
+
+def test_host_step_by_hand():
+    cfg = spart.KNOWN["opt-125m"][1]
+    W, n = cfg.weight_count(), cfg.n_layers
+    t, parts = pm.host_step(PROF, cfg, 8, 100)
+    s = W * (4e-11 + 8e-11) + n * 1e-4
+    r = 8 * 100 * (2 * 12 * 12 * 64 * 2) / 20e9 + n * 5e-5
+    x = n * (8 * 4 * 768 * 4 / 1e9 + 1e-4 + 8 * 2e-6)
+    assert abs(parts["s"] - s) < 1e-12 and abs(parts["r"] - r) < 1e-12 and abs(parts["x"] - x) < 1e-12
+    assert abs(t - (s + r + x)) < 1e-12
+    tp, _ = pm.host_step(PROF, cfg, 8, 100, pipelined=True)   # two stages of max(S, R + X) of 4 each
+    s4, r4, x4 = (pm.host_step(PROF, cfg, 4, 100)[1][k] for k in "srx")
+    assert abs(tp - 2 * max(s4, r4 + x4)) < 1e-12
+
+
+def test_plan_fits_memory_and_balances_when_pipelined():
+    cfg = spart.KNOWN["opt-1.3b"][1]
+    per_seq = 1024 * pm.kv_bytes_per_token(cfg)
+    p = pm.plan(PROF, cfg, 960, 64, kv_mem_bytes=10 * per_seq)
+    assert 1 <= p["max_batch"] <= 10 and p["kv_cap"] == int(p["max_batch"] * (960 + 32))
+    big = pm.plan(PROF, cfg, 960, 64, kv_mem_bytes=10**12)
+    assert big["tok_s"] >= p["tok_s"]
+    piped = pm.plan(PROF, cfg, 96, 32, kv_mem_bytes=10**12, pipelined=True)
+    _, parts = pm.host_step(PROF, cfg, piped["max_batch"], 112, pipelined=True)
+    assert piped["kv_cap"] >= piped["max_batch"] * 112  # R below S: room for more KV up to balance
+    assert abs(piped["kv_cap"] / (piped["max_batch"] * 112) - max(1, parts["s"] / parts["r"])) < 0.01
+
+
+def test_calibrate_writes_a_profile_that_fastdecode_uses(checkpoint, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    d, _ = checkpoint("opt-preln")
+    prof = pm.calibrate([d], batches=(1, 4), progress=False)
+    for key in ("read_gbs", "kernel", "loopback", "spart", "device"):
+        assert key in prof
+    assert prof["read_gbs"] > 0.1 and prof["kernel"]["float16"] > 0.1 and prof["loopback"]["gbs"] > 0.01
+    assert len(prof["spart_points"]) == 2 and all(t > 0 for *_, t in prof["spart_points"])
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(prof))
+    env = {**os.environ, "FASTDECODE_PROFILE": str(path)}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(here, "fastdecode.py"), "--model", d, "--num-requests", "4",
+                          "--prompt-len", "8", "--gen-len", "4", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "perf model plan: max batch" in out.stdout
+    rep = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rep["predicted_decode_tok_s"] > 0
