@@ -7,6 +7,7 @@ of the physical limit (GB/s of KV read over the memory read bandwidth measured h
     python bench.py rpc                         # a decode call through a worker vs the kernel
     python bench.py e2e                         # the engine vs transformers generate()
     python bench.py model                       # the performance model vs measured throughput
+    python bench.py trace FILE                  # text picture of one step of a --trace file
 """
 import argparse
 import json
@@ -318,6 +319,29 @@ def bench_model(args):
     print(json.dumps({"max_rel_error": round(max(r["rel_error"] for r in rows), 4), "rows": rows}))
 
 
+# --- bench trace: a text picture of the pipeline from a --trace file ---
+
+
+def bench_trace(args):
+    """One decode step of a `fastdecode.py --trace` file as text: a row per track, a letter per
+    micro-batch (A, B; h: LM head), '.' idle."""
+    ev = json.load(open(args.file))["traceEvents"]
+    tracks = {e["tid"]: e["args"]["name"] for e in ev if e["ph"] == "M"}
+    spans = [e for e in ev if e["ph"] == "X" and e["args"]["step"] == args.step and e["args"]["layer"] < args.layers]
+    if not spans:
+        raise SystemExit(f"no spans for step {args.step} in {args.file}")
+    t0, t1 = min(e["ts"] for e in spans), max(e["ts"] + e["dur"] for e in spans)
+    col = lambda t: min(args.width - 1, int((t - t0) / (t1 - t0) * args.width))
+    print(f"step {args.step}, layers 0-{args.layers - 1}: {(t1 - t0) / 1e3:.1f} ms, {(t1 - t0) / 1e3 / args.width:.2f} ms per column")
+    for tid in sorted(tracks):
+        row = ["."] * args.width
+        for e in (e for e in spans if e["tid"] == tid):
+            mark = e["args"].get("micro_batch") or e["name"].split()[-1]
+            for c in range(col(e["ts"]), col(e["ts"] + e["dur"]) + 1):
+                row[c] = {"A": "A", "B": "B", "all": "S"}.get(mark, "h")
+        print(f"{tracks[tid]:>16} |{''.join(row)}|")
+
+
 # --- main ---
 
 
@@ -338,8 +362,13 @@ def main(argv=None):
     m = sub.add_parser("model", help="the performance model's prediction vs measured throughput")
     m.add_argument("--gen-len", type=int, default=16, help="tokens generated per request")
     m.add_argument("--rounds", type=int, default=2, help="runs per configuration (best kept)")
+    t = sub.add_parser("trace", help="a text picture of the pipeline from a fastdecode.py --trace file")
+    t.add_argument("file", help="trace JSON written by fastdecode.py --trace")
+    t.add_argument("--step", type=int, default=3, help="decode step to draw")
+    t.add_argument("--layers", type=int, default=3, help="draw layers 0..N-1 of it")
+    t.add_argument("--width", type=int, default=96, help="columns")
     args = p.parse_args(argv)
-    {"kernel": bench_kernel, "rpc": bench_rpc, "e2e": bench_e2e, "model": bench_model}[args.what](args)
+    {"kernel": bench_kernel, "rpc": bench_rpc, "e2e": bench_e2e, "model": bench_model, "trace": bench_trace}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -412,7 +412,7 @@ def report(llm, outs, wall, args, prof=None):
     print(f"  time         prefill {st.prefill_wall:.1f} s, decode {st.decode_wall:.1f} s; "
           f"step p50 {rep['step_ms_p50']:.0f} ms, p99 {rep['step_ms_p99']:.0f} ms")
     print(f"  busy         S-Part {st.s_busy:.1f} s, R-Part {r_busy:.1f} s (per worker); "
-          f"overlap efficiency {rep['overlap_efficiency']:.2f}")
+          f"overlap efficiency {rep['overlap_efficiency']:.2f}{'' if llm.pipeline else ' (serial: nothing to overlap)'}")
     print(f"  KV held      peak tokens per worker {rep['kv_tokens_peak_per_worker']}")
     if rep["predicted_decode_tok_s"] is None:
         print(f"  model        no calibration profile ({perfmodel.PROFILE}): run `python perfmodel.py calibrate`")
@@ -429,7 +429,7 @@ def parse_args(argv=None):
     a("--workers", type=int, default=1, help="local R-Part worker processes to spawn (0: in-process)")
     a("--worker-hosts", default=None, help="comma-separated host:port of running workers (instead of spawning)")
     a("--secret-file", default=None, help="shared secret for workers beyond loopback")
-    a("--num-requests", type=int, default=16, help="synthetic workload: number of requests")
+    a("--num-requests", type=int, default=32, help="synthetic workload: number of requests")
     a("--prompt-len", type=int, default=64, help="synthetic workload: prompt tokens per request")
     a("--gen-len", default="32", help="synthetic workload: tokens to generate, a number or a range LO-HI")
     a("--max-batch", type=int, default=None, help="most sequences running at once (default: from the perf model, else 32)")
