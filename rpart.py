@@ -63,10 +63,9 @@ def load_kernel():
             _build()
         lib = ctypes.CDLL(LIB_PATH)
         P = ctypes.c_void_p
-        lib.fd_decode_attention.argtypes = [P, P, P, P, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                            ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                                            ctypes.c_int, P]
-        lib.fd_decode_attention.restype = ctypes.c_int
+        I = ctypes.c_int
+        lib.fd_decode_attention.argtypes = [P, P, P, P, I, I, I, I, I, ctypes.c_float, I, P]
+        lib.fd_decode_attention.restype = I
         lib.fd_read_probe.argtypes, lib.fd_read_probe.restype = [P, ctypes.c_size_t, ctypes.c_int], ctypes.c_uint64
         lib.fd_simd.argtypes, lib.fd_simd.restype = [], ctypes.c_char_p
         lib.fd_max_threads.argtypes, lib.fd_max_threads.restype = [], ctypes.c_int
@@ -88,9 +87,7 @@ def _check_kv(name, arrays, S, D):
     """Validate keys or values; return (pointer array, lengths, dtype, Hkv)."""
     if len(arrays) != S:
         raise ValueError(f"{name}: expected {S} arrays (one per sequence), got {len(arrays)}")
-    ptrs = np.empty(S, dtype=np.uintp)
-    lens = np.empty(S, dtype=np.int64)
-    dtype = hkv = None
+    ptrs, lens, dtype, hkv = np.empty(S, dtype=np.uintp), np.empty(S, dtype=np.int64), None, None
     for i, a in enumerate(arrays):
         if not isinstance(a, np.ndarray):
             raise ValueError(f"{name}[{i}]: expected a numpy array, got {type(a).__name__}")
@@ -107,8 +104,7 @@ def _check_kv(name, arrays, S, D):
         if not a.flags.c_contiguous:
             raise ValueError(f"{name}[{i}]: not C-contiguous (the kernel reads it without a copy)")
         dtype, hkv = a.dtype, a.shape[1]
-        ptrs[i] = a.__array_interface__["data"][0]
-        lens[i] = a.shape[0]
+        ptrs[i], lens[i] = a.__array_interface__["data"][0], a.shape[0]
     return ptrs, lens, dtype, hkv
 
 
@@ -377,11 +373,9 @@ def serve(host="127.0.0.1", port=0, *, threads=None, kv_mem=8 * 2**30, secret=No
 
 
 def short_openmp_spin():
-    """After each parallel region libgomp's threads spin ~300,000 iterations (milliseconds)
-    before they sleep. Where the S-Part (torch, same libgomp) and local workers share the cores,
-    that spinning steals the other side's time: spin briefly, then sleep. Takes effect only
-    before libgomp loads (torch or the kernel); OMP_WAIT_POLICY or GOMP_SPINCOUNT set by the
-    user win."""
+    """libgomp's threads spin for milliseconds after each parallel region; where the S-Part
+    (torch, same libgomp) and local workers share cores, that steals the other side's time.
+    Spin briefly instead. Only before libgomp loads; the user's OMP_* / GOMP_* settings win."""
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
@@ -484,7 +478,10 @@ class RemoteBackend:
         self.kv_cfg, self.n_heads, self.procs, self.clients = kv_cfg, n_heads, [], []
         self.r_busy, self.free, self.where = 0.0, [], {}   # kernel seconds; free bytes; seq -> worker
         try:
-            addrs = [h.rsplit(":", 1) for h in hosts] if hosts else self._spawn(n_local, threads, kv_cfg.mem_bytes)
+            if hosts:
+                addrs = [h.rsplit(":", 1) for h in hosts]
+            else:
+                self.procs, addrs = spawn_workers(n_local, threads=threads, kv_mem=kv_cfg.mem_bytes)
             for host, port in addrs:
                 c = WorkerClient(host, port, secret=secret, timeout=timeout)
                 c.configure(kv_cfg, n_heads)
@@ -493,10 +490,6 @@ class RemoteBackend:
         except BaseException:
             self.close()
             raise
-
-    def _spawn(self, n, threads, kv_mem):
-        self.procs, addrs = spawn_workers(n, threads=threads, kv_mem=kv_mem)
-        return addrs
 
     def free_bytes(self):  # per worker; -1 for a lost one
         return list(self.free)
