@@ -10,6 +10,7 @@ of the physical limit (GB/s of KV read over the memory read bandwidth measured h
     python bench.py trace FILE                  # text picture of one step of a --trace file
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -112,7 +113,6 @@ def bench_kernel(args):
 
 def rpc_row(client, S, L, threads, rng, next_id):
     """One decode call through the worker vs the kernel alone on the same K, V, q."""
-    import kvcache
     Hq, Hkv, D = SHAPES["opt-1.3b"]
     q = rng.standard_normal((S, Hq, D), dtype=np.float32)
     K = [rng.standard_normal((L, Hkv, D), dtype=np.float32).astype(np.float16) for _ in range(S)]
@@ -222,15 +222,21 @@ def run_hf(hf, prompts, gen):
             "tokens": out[:, ids.shape[1]:].tolist()}
 
 
+def workload(llm, B, P):
+    """Run the engine's batches at B and make B random prompts of P tokens (seeded by P)."""
+    llm.sched_cfg = dataclasses.replace(llm.sched_cfg, max_batch=B)
+    rng = np.random.default_rng(P)
+    return [rng.integers(4, llm.spart.cfg.vocab_size, P).tolist() for _ in range(B)]
+
+
 def run_engine(llm, prompts, gen):
     import fastdecode
     llm.stats = fastdecode.StepStats()
     t = time.perf_counter()
     outs = llm.generate(prompts, max_new_tokens=gen, ignore_eos=True, progress=False)
     wall, st = time.perf_counter() - t, llm.stats
-    r_busy = llm.backend.r_busy
     return {"decode_tok_s": st.decode_tokens / st.decode_wall, "total_tok_s": len(prompts) * gen / wall,
-            "tokens": [o.token_ids for o in outs], "s_busy": st.s_busy, "decode_s": st.decode_wall, "r_busy_total": r_busy}
+            "tokens": [o.token_ids for o in outs]}
 
 
 def bench_e2e(args):
@@ -246,23 +252,18 @@ def bench_e2e(args):
     hdr = (f"{'model':<9}{'B':>3}{'prompt':>7} | {'decode tok/s':>12} {'hf':>7} {'ratio':>6} | "
            f"{'total tok/s':>11} {'hf':>7} {'ratio':>6} | {'same tokens':>11}")
     print(hdr + "\n" + "-" * len(hdr))
-    rows, loaded = [], {}
+    torch.set_num_threads(cores)  # HF's setting; the engine's prefill restores it after use
+    rows, llm, loaded = [], None, None
     for model, B, P in configs:
-        if model not in loaded:
-            for llm, _ in loaded.values():
+        if loaded != model:
+            if llm:
                 llm.close()
-            loaded.clear()
-            llm = fastdecode.LLM(model, workers=1, max_batch=B, schedule="naive", quiet=True)
-            loaded[model] = (llm, hf_twin(llm.spart))
-        llm, hf = loaded[model]
-        llm.sched_cfg.max_batch = B
-        rng = np.random.default_rng(P)
-        prompts = [rng.integers(4, llm.spart.cfg.vocab_size, P).tolist() for _ in range(B)]
+            llm, loaded = fastdecode.LLM(model, workers=1, schedule="naive", quiet=True), model
+            hf = hf_twin(llm.spart)
+        prompts = workload(llm, B, P)
         eng, ref = [], []
         for _ in range(args.rounds):
-            torch.set_num_threads(cores)
             eng.append(run_engine(llm, prompts, args.gen_len))
-            torch.set_num_threads(cores)
             ref.append(run_hf(hf, prompts, args.gen_len))
         best = lambda runs, k: max(r[k] for r in runs)
         same = np.mean([a == b for x, y in zip(eng[0]["tokens"], ref[0]["tokens"]) for a, b in zip(x, y)])
@@ -276,8 +277,7 @@ def bench_e2e(args):
         print(f"{model:<9}{B:>3}{P:>7} | {row['decode_tok_s']:12.1f} {row['hf_decode_tok_s']:7.1f} "
               f"{row['decode_ratio']:5.2f}x | {row['total_tok_s']:11.1f} {row['hf_total_tok_s']:7.1f} "
               f"{row['total_ratio']:5.2f}x | {100 * same:10.1f}%", flush=True)
-    for llm, _ in loaded.values():
-        llm.close()
+    llm.close()
     summary = {f"decode_ratio_p{P}": round(min(r["decode_ratio"] for r in rows if r["prompt"] == P), 3)
                for P in sorted({r["prompt"] for r in rows})}
     print(json.dumps({**summary, "rows": rows}))
@@ -304,10 +304,8 @@ def bench_model(args):
         if loaded != model:
             if llm:
                 llm.close()
-            llm, loaded = fastdecode.LLM(model, workers=1, max_batch=B, schedule="naive", quiet=True), model
-        llm.sched_cfg.max_batch = B
-        rng = np.random.default_rng(P)
-        prompts = [rng.integers(4, llm.spart.cfg.vocab_size, P).tolist() for _ in range(B)]
+            llm, loaded = fastdecode.LLM(model, workers=1, schedule="naive", quiet=True), model
+        prompts = workload(llm, B, P)
         measured = max(run_engine(llm, prompts, args.gen_len)["decode_tok_s"] for _ in range(args.rounds))
         step, parts = perfmodel.host_step(prof, llm.spart.cfg, B, P + args.gen_len / 2)
         row = {"model": model, "batch": B, "prompt": P, "predicted_tok_s": B / step, "measured_tok_s": measured}

@@ -244,10 +244,11 @@ def calibrate(models=("opt-125m", "opt-1.3b"), batches=(1, 4, 8, 16, 32, 64), de
     """Measure this machine -> profile dict (see PROFILE)."""
     import torch
     from tqdm import tqdm
-    threads = rpart.kernel_info()["max_threads"]
+    info = rpart.kernel_info()
+    threads = info["max_threads"]
     bar = tqdm(total=3 + len(models) * len(batches), desc="calibrate", disable=not progress)
     prof = {"cores": os.cpu_count(), "mem_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
-            "threads": threads, "simd": rpart.kernel_info()["simd"]}
+            "threads": threads, "simd": info["simd"]}
     prof["read_gbs"] = read_bandwidth(threads)
     bar.update()
     prof["kernel"] = measure_kernel(threads)
