@@ -21,7 +21,7 @@ import numpy as np
 import rpart
 
 rpart.short_openmp_spin()  # as the engine runs (before torch loads libgomp): see there
-from perfmodel import best_time, read_bandwidth  # noqa: E402  (imports torch)
+from perfmodel import best_time  # noqa: E402  (imports torch)
 
 # --- timing helpers ---
 
@@ -59,22 +59,28 @@ def torch_sdpa_timer(q, K, V, dtype, threads):
         return best_time(lambda: f(tq, tk, tv, enable_gqa=gqa))
 
 
-def kernel_row(model, S, L, threads, read_gbs, rng):
+def kernel_row(model, S, L, threads, probe_buf, rng):
     Hq, Hkv, D = SHAPES[model]
     q = rng.standard_normal((S, Hq, D), dtype=np.float32)
     K32 = [rng.standard_normal((L, Hkv, D), dtype=np.float32) for _ in range(S)]
     V32 = [rng.standard_normal((L, Hkv, D), dtype=np.float32) for _ in range(S)]
     kv_elems = 2 * S * L * Hkv * D
-    row = {"model": model, "S": S, "L": L, "threads": threads, "read_gbs": read_gbs}
+    row = {"model": model, "S": S, "L": L, "threads": threads}
     row["fp32_gbs"] = kv_elems * 4 / best_time(lambda: rpart.decode_attention(q, K32, V32, num_threads=threads)) / 1e9
     t_torch32 = torch_sdpa_timer(q, K32, V32, __import__("torch").float32, threads)
     row["torch_fp32_gbs"] = kv_elems * 4 / t_torch32 / 1e9
     row["torch_bf16_gbs"] = kv_elems * 2 / torch_sdpa_timer(q, K32, V32, __import__("torch").bfloat16, threads) / 1e9
     K16, V16 = [k.astype(np.float16) for k in K32], [v.astype(np.float16) for v in V32]
     del K32, V32
-    t16 = best_time(lambda: rpart.decode_attention(q, K16, V16, num_threads=threads))
+    # The memory's read bandwidth drifts by 30% over minutes here (neighbours): measure it
+    # interleaved with the fp16 kernel, so the fraction compares the two at the same moments.
+    lib = rpart.load_kernel()
+    t_read, t16 = best_times_interleaved(
+        [lambda: lib.fd_read_probe(probe_buf.ctypes.data, probe_buf.nbytes, threads),
+         lambda: rpart.decode_attention(q, K16, V16, num_threads=threads)])
+    row["read_gbs"] = probe_buf.nbytes / t_read / 1e9
     row["fp16_gbs"] = kv_elems * 2 / t16 / 1e9
-    row["fp16_frac_of_read"] = row["fp16_gbs"] / read_gbs
+    row["fp16_frac_of_read"] = row["fp16_gbs"] / row["read_gbs"]
     row["fp16_tok_over_torch_fp32"] = t_torch32 / t16  # KV-tokens/s ratio on the same tokens
     return row
 
@@ -86,19 +92,17 @@ def bench_kernel(args):
     lengths = [2048] if args.quick else [512, 2048, 8192]
     print(f"kernel: {info['simd']}, up to {all_threads} threads. torch SDPA needs dense [S, H, Lmax, D]: "
           "a ragged batch pads to Lmax (all lengths equal here, so torch pays no padding)")
-    read = {t: read_bandwidth(t) for t in thread_counts}
-    for t in thread_counts:
-        print(f"memory read bandwidth, {t} thread(s): {read[t]:.1f} GB/s")
-    hdr = (f"{'model':<11}{'S':>4}{'L':>6}{'thr':>4} | {'fp16':>6} {'fp32':>6} {'t-fp32':>6} {'t-bf16':>6}"
-           f"  GB/s | {'fp16/read':>9} {'fp16 tok/s / torch fp32':>24}")
+    print("read: a STREAM-like sum over 256 MiB with the same threads, interleaved with the fp16 kernel")
+    hdr = (f"{'model':<11}{'S':>4}{'L':>6}{'thr':>4} | {'read':>6} {'fp16':>6} {'fp32':>6} {'t-fp32':>6}"
+           f" {'t-bf16':>6}  GB/s | {'fp16/read':>9} {'fp16 tok/s / torch fp32':>24}")
     print(hdr + "\n" + "-" * len(hdr))
-    rng, rows = np.random.default_rng(0), []
+    rng, rows, buf = np.random.default_rng(0), [], np.ones(1 << 28, np.uint8)
     for model in SHAPES:
         for L in lengths:
             for t in thread_counts:
-                r = kernel_row(model, 32, L, t, read[t], rng)
+                r = kernel_row(model, 32, L, t, buf, rng)
                 rows.append(r)
-                print(f"{model:<11}{32:>4}{L:>6}{t:>4} | {r['fp16_gbs']:6.1f} {r['fp32_gbs']:6.1f} "
+                print(f"{model:<11}{32:>4}{L:>6}{t:>4} | {r['read_gbs']:6.1f} {r['fp16_gbs']:6.1f} {r['fp32_gbs']:6.1f} "
                       f"{r['torch_fp32_gbs']:6.1f} {r['torch_bf16_gbs']:6.1f}       | "
                       f"{r['fp16_frac_of_read']:9.2f} {r['fp16_tok_over_torch_fp32']:23.2f}x", flush=True)
     key = next(r for r in rows if r["model"] == "opt-1.3b" and r["L"] == 2048 and r["threads"] == all_threads)
