@@ -54,6 +54,18 @@ def test_ragged_batch_matches_reference(dtype, tol, D, heads, threads):
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float16, 2e-3)])
+@pytest.mark.parametrize("heads,D", [((25, 25), 64), ((12, 4), 72), ((6, 3), 8), ((16, 2), 200),
+                                     ((4, 4), 256), ((2, 1), 40)])
+def test_other_head_layouts_and_dims(dtype, tol, heads, D):
+    """The kernel's other paths: an odd head count (the last head alone), GQA groups of 3 and 2,
+    head sizes that are not a multiple of 16 (masked vectors) and above 128 (two passes)."""
+    Hq, Hkv = heads
+    rng = rng_for(D, Hq, Hkv, 3, np.dtype(dtype).itemsize)
+    lens = rng.integers(1, 600, 7)
+    check(*make_batch(rng, 7, lens, Hq, Hkv, D, dtype), 2, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float16, 2e-3)])
 def test_one_long_sequence_split_across_threads(dtype, tol):
     rng = rng_for(5000)
     check(*make_batch(rng, 1, [5000], 32, 8, 128, dtype), 2, tol)
