@@ -235,6 +235,23 @@ def workload(llm, B, P):
     return [rng.integers(4, llm.spart.cfg.vocab_size, P).tolist() for _ in range(B)]
 
 
+def engine_per_model(configs):
+    """(llm, model, B, P, prompts) for each (model, B, P) config: one engine per model (one local
+    worker, naive admission so a whole batch runs at once), closed when done with."""
+    import fastdecode
+    llm, loaded = None, None
+    try:
+        for model, B, P in configs:
+            if loaded != model:
+                if llm:
+                    llm.close()
+                llm, loaded = fastdecode.LLM(model, workers=1, schedule="naive", quiet=True), model
+            yield llm, model, B, P, workload(llm, B, P)
+    finally:
+        if llm:
+            llm.close()
+
+
 def run_engine(llm, prompts, gen):
     import fastdecode
     llm.stats = fastdecode.StepStats()
@@ -248,7 +265,6 @@ def run_engine(llm, prompts, gen):
 def bench_e2e(args):
     """The engine (S-Part on this CPU, one local worker, naive admission so the whole batch runs
     at once as in generate()) against transformers generate() on the same weights and prompts."""
-    import fastdecode
     import torch
     cores = os.cpu_count()
     configs = [c for c in E2E_CONFIGS if c[0] in args.models]
@@ -259,14 +275,10 @@ def bench_e2e(args):
            f"{'total tok/s':>11} {'hf':>7} {'ratio':>6} | {'same tokens':>11}")
     print(hdr + "\n" + "-" * len(hdr))
     torch.set_num_threads(cores)  # HF's setting; the engine's prefill restores it after use
-    rows, llm, loaded = [], None, None
-    for model, B, P in configs:
-        if loaded != model:
-            if llm:
-                llm.close()
-            llm, loaded = fastdecode.LLM(model, workers=1, schedule="naive", quiet=True), model
-            hf = hf_twin(llm.spart)
-        prompts = workload(llm, B, P)
+    rows, hf, hf_of = [], None, None
+    for llm, model, B, P, prompts in engine_per_model(configs):
+        if hf_of is not llm:
+            hf, hf_of = hf_twin(llm.spart), llm
         eng, ref = [], []
         for _ in range(args.rounds):
             eng.append(run_engine(llm, prompts, args.gen_len))
@@ -283,7 +295,6 @@ def bench_e2e(args):
         print(f"{model:<9}{B:>3}{P:>7} | {row['decode_tok_s']:12.1f} {row['hf_decode_tok_s']:7.1f} "
               f"{row['decode_ratio']:5.2f}x | {row['total_tok_s']:11.1f} {row['hf_total_tok_s']:7.1f} "
               f"{row['total_ratio']:5.2f}x | {100 * same:10.1f}%", flush=True)
-    llm.close()
     summary = {f"decode_ratio_p{P}": round(min(r["decode_ratio"] for r in rows if r["prompt"] == P), 3)
                for P in sorted({r["prompt"] for r in rows})}
     print(json.dumps({**summary, "rows": rows}))
@@ -296,7 +307,6 @@ MODEL_CONFIGS = [("opt-125m", 16, 128), ("opt-125m", 16, 1024), ("opt-1.3b", 4, 
 
 def bench_model(args):
     """The performance model's predicted decode throughput beside fastdecode's measured one."""
-    import fastdecode
     import perfmodel
     prof = perfmodel.load_profile()
     if prof is None:
@@ -305,13 +315,8 @@ def bench_model(args):
           f"S-Part on {prof['device']}. Engine: 1 local worker, serial, naive admission, gen {args.gen_len}")
     hdr = f"{'model':<9}{'B':>3}{'prompt':>7} | {'predicted':>9} {'measured':>9} tok/s | {'error':>6} | {'S':>6} {'R':>6} {'X':>6} ms (pred)"
     print(hdr + "\n" + "-" * len(hdr))
-    rows, llm, loaded = [], None, None
-    for model, B, P in MODEL_CONFIGS:
-        if loaded != model:
-            if llm:
-                llm.close()
-            llm, loaded = fastdecode.LLM(model, workers=1, schedule="naive", quiet=True), model
-        prompts = workload(llm, B, P)
+    rows = []
+    for llm, model, B, P, prompts in engine_per_model(MODEL_CONFIGS):
         measured = max(run_engine(llm, prompts, args.gen_len)["decode_tok_s"] for _ in range(args.rounds))
         step, parts = perfmodel.host_step(prof, llm.spart.cfg, B, P + args.gen_len / 2)
         row = {"model": model, "batch": B, "prompt": P, "predicted_tok_s": B / step, "measured_tok_s": measured}
@@ -319,7 +324,6 @@ def bench_model(args):
         rows.append(row)
         print(f"{model:<9}{B:>3}{P:>7} | {row['predicted_tok_s']:9.1f} {measured:9.1f}       | {100 * row['rel_error']:5.1f}% | "
               f"{parts['s'] * 1e3:6.1f} {parts['r'] * 1e3:6.1f} {parts['x'] * 1e3:6.1f}", flush=True)
-    llm.close()
     print(json.dumps({"max_rel_error": round(max(r["rel_error"] for r in rows), 4), "rows": rows}))
 
 
