@@ -43,7 +43,7 @@
 
 #ifndef BT
 #define BT 8      // tokens per block. OPT-1.3b 32x2048 fp16, 1 thread: 8 -> 0.88 of read bandwidth,
-#endif            // 16 -> 0.67 (prefetches run too far ahead), 4 -> 0.55 (too much work per token)
+#endif            // 16 -> 0.70, 4 -> 0.55 (interleaved builds; at 32 it was 0.6)
 #ifndef PF_PER
 #define PF_PER 1  // prefetches per inner loop iteration (1 beat 2, 3 and 4)
 #endif
