@@ -10,13 +10,22 @@
 //   - work items are (sequence, chunk of tokens) over all heads; long sequences are split, so
 //     one long sequence still uses every thread, and the chunks' partial (max, sum, acc)
 //     results are merged at the end (the log-sum-exp trick); OpenMP hands out items dynamically;
-//   - inside an item, blocks of BT = 8 tokens: the scores of every head (tiles of heads x
-//     tokens, q and each converted K vector reused in registers), one online-softmax update
-//     for all heads, then every head's V accumulated with its accumulator in registers;
-//   - K and V are prefetched in the order they are used, half a block ahead, a line at a time
-//     among the loads (each 4 KiB row is a new page, which hardware prefetchers do not enter);
+//   - inside an item, blocks of BT tokens: a K pass computes every head's scores (token-major),
+//     one online-softmax update for the block, vectorized across heads, then a V pass adds
+//     every head's weighted V rows into its accumulator;
+//   - both passes work in tiles of a few token rows (a row is one token's K or V for all KV
+//     heads, Hkv * D values), so each q vector, converted K/V vector and accumulator vector in
+//     a register is used for several rows or heads;
+//   - each pass prefetches its own stream PF_AHEAD bytes ahead, row after row in address order,
+//     a few lines among each step's loads (see "Prefetch" below);
 //   - AVX-512 or AVX2+F16C where the compiler targets them, plain C elsewhere.
 //
+// Prefetch: a row is 4 KiB for OPT-1.3b, so reading a block head by head (a column) visits a
+// new page per load, and the hardware prefetchers, which stay inside a page, fall behind. A
+// loop that only touched the bytes reached 0.5-0.75 of the read bandwidth column-wise and
+// 0.97-1.0 row-wise; with the kernel's arithmetic between the loads even row-wise reading needs
+// the software prefetches (without them: 0.6 of read at one thread).
+
 // Legend: S sequences, Hq query heads, Hkv KV heads, G = Hq/Hkv, D head dim, L cached length.
 // Built by `make` into attn_cpu.so and loaded by rpart.py through ctypes.
 
@@ -42,13 +51,19 @@
 #endif
 
 #ifndef BT
-#define BT 8      // tokens per block. OPT-1.3b 32x2048 fp16, 1 thread: 8 -> 0.88 of read bandwidth,
-#endif            // 16 -> 0.70, 4 -> 0.55 (interleaved builds; at 32 it was 0.6)
-#ifndef PF_PER
-#define PF_PER 1  // prefetches per inner loop iteration (1 beat 2, 3 and 4)
+#define BT 128       // tokens per block: their scores are kept while the block's V is read
 #endif
-#ifndef PF_HINT
-#define PF_HINT 3
+#ifndef TRK
+#define TRK 4        // token rows per tile of the K pass
+#endif
+#ifndef TRV
+#define TRV 4        // token rows per tile of the V pass, for heads sharing a KV head
+#endif
+#ifndef TRV1
+#define TRV1 4       // ... and for one head per KV head (MHA)
+#endif
+#ifndef PF_AHEAD
+#define PF_AHEAD 16384  // bytes: how far ahead of its use each row is prefetched (at least a tile)
 #endif
 #define MAX_D 256
 #define MIN_CHUNK 128 // tokens; smaller chunks cost more in merging than they win in balance
@@ -78,32 +93,30 @@ FD_INLINE float kv_at(const void *p, int i, int fp16) {
     return fp16 ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-// A prefetch cursor: bytes [at, end) of p still to be prefetched. The tile loops below issue
-// PF_PER lines per iteration and the caller the rest after the tile: issuing all of a tile's
-// lines before its loads was 10-15% slower (measured), the prefetches crowding the loads out.
-typedef struct { const char *p; size_t at, end; } Pf;
+// A prefetch cursor: bytes [at, end) of p still to be prefetched, in address order. The tile
+// loops issue `per` lines per step among their loads (pf_step), the caller the rest after the
+// tile (pf_rest): issuing a tile's lines in one burst was slower (measured), crowding the loads.
+typedef struct { const char *p; size_t at, end; int per; } Pf;
 
 FD_INLINE void pf_lines(Pf *f, int n) {
-    for (int j = 0; j < n && f->at < f->end; j++, f->at += 64) __builtin_prefetch(f->p + f->at, 0, PF_HINT);
+    for (int j = 0; j < n && f->at < f->end; j++, f->at += 64) __builtin_prefetch(f->p + f->at, 0, 3);
+}
+FD_INLINE void pf_step(Pf *f) { pf_lines(f, f->per); }
+FD_INLINE void pf_rest(Pf *f) { pf_lines(f, INT32_MAX); }
+
+// The prefetches for a tile of rows [t, t + n) of base: rows [t + ahead, t + ahead + n), cut at
+// t1, spread over the tile's `steps` steps.
+FD_INLINE Pf rows_ahead(const char *base, int t, int n, int ahead, int t1, size_t row, int steps) {
+    const int f0 = t + ahead < t1 ? t + ahead : t1, f1 = f0 + n < t1 ? f0 + n : t1;
+    const int lines = (int)((size_t)(f1 - f0) * row / 64);
+    return (Pf){base, (size_t)f0 * row, (size_t)f1 * row, (lines + steps - 1) / steps};
 }
 
-FD_INLINE float block_max(const float *s, int n, float mx) {
-    for (int t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
-    return mx;
-}
-#if !FD_AVX2  // AVX2 has its own; AVX-512 updates two heads at a time (softmax_pairs)
-FD_INLINE float exp_sub(float *s, float mx, int n) {
-    float sum = 0.0f;
-    for (int t = 0; t < n; t++) sum += (s[t] = expf(s[t] - mx));
-    return sum;
-}
-#endif
-
-// --- SIMD helpers. Each flavor provides the same block operations, on one block of nb tokens
-// whose rows (one head's K or V of token t) are `row` bytes apart (the cache is token-major):
-//   tile_scores(q, k, NH, ..)          sc[j][t] = scale * q[j] . k_t  for NH heads sharing k
-//   block_accumulate(acc, c, p, v..)   acc = c * acc + sum_t p[t] * v_t
-//   shared_accumulate(acc, c, p, v, NH..)  the same for NH heads sharing v
+// --- SIMD helpers. Each flavor provides the same three operations:
+//   rows_scores(q, k, row, TT..)     st[t][h] = scale * q[h] . k_t[h / G]   TT token rows, every head
+//   block_softmax(st, nb, ..)        the online-softmax update of every head for a block of nb rows
+//   rows_accumulate(acc, p, v, TT..) acc[h] += sum_t p[t][h] * v_t[h / G]   TT token rows, every head
+// Heads that share a KV head (NH of them: 1, 2 or 4) convert its vector once.
 #if FD_AVX512
 FD_INLINE __m512 load16(const void *p, int i, int fp16, __mmask16 m) {
     if (fp16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i));
@@ -133,51 +146,70 @@ FD_INLINE __m512 hsum16x16(const __m512 a[16]) {
     return fold(d[0], d[1], FOLD[3]);                                          // 16 sums x 1
 }
 
-// Reduce 8 vectors to the 8 lanes of their horizontal sums, in order (7 folds, then pairs).
-FD_INLINE __m256 hsum8x16(const __m512 a[8]) {
-    __m512 b[4], c[2];
-    for (int j = 0; j < 4; j++) b[j] = fold(a[2 * j], a[2 * j + 1], FOLD[0]);  // lanes: 2 vectors x 8
-    for (int j = 0; j < 2; j++) c[j] = fold(b[2 * j], b[2 * j + 1], FOLD[1]);  // 4 x 4
-    const __m512 d = fold(c[0], c[1], FOLD[2]);                                // 8 x 2: pairs
-    const __m512 e = _mm512_add_ps(d, _mm512_permute_ps(d, 0xb1));             // pair sums, twice
-    return _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14,
-                                                                          0, 0, 0, 0, 0, 0, 0, 0), e));
-}
-
-// A tile is NH query heads sharing one KV head (NH = 1, 2 or 4) x TK tokens: 8 or 16 independent
-// FMA chains, each q vector loaded once per TK tokens, each K vector converted once for all NH
-// heads, then one transposed reduction for all the tile's scores.
-FD_INLINE void tile_scores(const float *q, const char *k, int NH, size_t row, int nb, int D, int fp16,
-                           float scale, float *sc, Pf *pf) {
-    const int TK = NH == 4 ? 4 : 8;
-    for (int t0 = 0; t0 < nb; t0 += TK) {
-        const char *kt[8];
+// Scores of TT token rows (k, k + row, ..) for every head: st[t * Hq + h]. A tile is 16 / TT
+// heads x TT rows: 16 independent FMA chains, each q vector loaded once for the TT rows and each
+// K vector converted once for the NH heads that share it, then one transposed reduction.
+FD_INLINE void rows_scores(const float *restrict q, const char *k, size_t row, int TT, size_t head, int Hq,
+                           int G, int NH, int D, int fp16, float scale, float *restrict st, Pf *pf) {
+    const int HG = 16 / TT;
+    for (int h0 = 0; h0 < Hq; h0 += HG) {
         __m512 a[16];
 #pragma GCC unroll 16
         for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
-#pragma GCC unroll 8
-        for (int t = 0; t < TK; t++) kt[t] = k + (size_t)(t0 + t < nb ? t0 + t : nb - 1) * row;  // a short
-        for (int i = 0; i < D; i += 16) {                                   // tail repeats its last token
-            const __mmask16 m = mask_for(D - i);
-            pf_lines(pf, PF_PER);
-            __m512 qv[4];
+#pragma GCC unroll 16
+        for (int u = 0; u < HG / NH; u++) {
+            const int h = h0 + u * NH;
+            if (h >= Hq) break;
+            const char *kh = k + (size_t)(h / G) * head;
+            pf_step(pf);
+            for (int i = 0; i < D; i += 16) {
+                const __mmask16 m = mask_for(D - i);
+                __m512 qv[4];
 #pragma GCC unroll 4
-            for (int j = 0; j < NH; j++) qv[j] = _mm512_maskz_loadu_ps(m, q + (size_t)j * D + i);
-#pragma GCC unroll 8
-            for (int t = 0; t < TK; t++) {
-                const __m512 x = load16(kt[t], i, fp16, m);
+                for (int j = 0; j < NH; j++) qv[j] = _mm512_maskz_loadu_ps(m, q + (size_t)(h + j) * D + i);
 #pragma GCC unroll 4
-                for (int j = 0; j < NH; j++) a[j * TK + t] = _mm512_fmadd_ps(qv[j], x, a[j * TK + t]);
+                for (int t = 0; t < TT; t++) {
+                    const __m512 x = load16(kh + (size_t)t * row, i, fp16, m);
+#pragma GCC unroll 4
+                    for (int j = 0; j < NH; j++) a[t * HG + u * NH + j] = _mm512_fmadd_ps(qv[j], x, a[t * HG + u * NH + j]);
+                }
             }
         }
-        const int n = nb - t0 < TK ? nb - t0 : TK;
-        if (NH == 1) {
-            _mm256_mask_storeu_ps(sc + t0, (__mmask8)((1u << n) - 1), _mm256_mul_ps(hsum8x16(a), _mm256_set1_ps(scale)));
-        } else {
-            const __m512 s = _mm512_mul_ps(hsum16x16(a), _mm512_set1_ps(scale));
+        const __m512 s = _mm512_mul_ps(hsum16x16(a), _mm512_set1_ps(scale));  // lane t * HG + j: row t, head h0 + j
+        const __mmask16 keep = mask_for(Hq - h0 < HG ? Hq - h0 : HG);
 #pragma GCC unroll 4
-            for (int j = 0; j < NH; j++)  // lanes j*TK.. are head j's: shift the pointer to match
-                _mm512_mask_storeu_ps(sc + (size_t)j * (BT - TK) + t0, (__mmask16)(((1u << n) - 1) << (j * TK)), s);
+        for (int t = 0; t < TT; t++)
+            _mm512_mask_storeu_ps(st + (size_t)t * Hq + h0, keep,
+                                  _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(t * HG),
+                                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), s));
+    }
+}
+
+// acc[h] += sum over the TT rows t of p[t * Hq + h] * v_t[h / G]: each accumulator vector loaded
+// and stored once for the TT rows, each V vector converted once for the NH heads sharing it.
+FD_INLINE void rows_accumulate(float *restrict acc, const float *restrict p, const char *v, size_t row, int TT,
+                               size_t head, int Hq, int G, int NH, int D, int fp16, Pf *pf) {
+    for (int h = 0; h < Hq; h += NH) {
+        const char *vh = v + (size_t)(h / G) * head;
+        pf_step(pf);
+        __m512 pj[4][4];
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++)
+#pragma GCC unroll 4
+            for (int j = 0; j < NH; j++) pj[t][j] = _mm512_set1_ps(p[(size_t)t * Hq + h + j]);
+        for (int i = 0; i < D; i += 16) {
+            const __mmask16 m = mask_for(D - i);
+            __m512 a[4];
+#pragma GCC unroll 4
+            for (int j = 0; j < NH; j++) a[j] = _mm512_maskz_loadu_ps(m, acc + (size_t)(h + j) * D + i);
+#pragma GCC unroll 4
+            for (int t = 0; t < TT; t++) {
+                const __m512 x = load16(vh + (size_t)t * row, i, fp16, m);
+#pragma GCC unroll 4
+                for (int j = 0; j < NH; j++) a[j] = _mm512_fmadd_ps(x, pj[t][j], a[j]);
+            }
+#pragma GCC unroll 4
+            for (int j = 0; j < NH; j++) _mm512_mask_storeu_ps(acc + (size_t)(h + j) * D + i, m, a[j]);
         }
     }
 }
@@ -199,111 +231,26 @@ FD_INLINE __m512 exp_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-#if BT == 8
-#define FD_SOFTMAX_X2 1
-// Within each half (8 lanes) of x: every lane gets the half's max, or sum.
-FD_INLINE __m512 max8(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_shuffle_f32x4(x, x, 0xb1));
-    x = _mm512_max_ps(x, _mm512_permute_ps(x, 0x4e));
-    return _mm512_max_ps(x, _mm512_permute_ps(x, 0xb1));
-}
-FD_INLINE __m512 sum8(__m512 x) {
-    x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xb1));
-    x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4e));
-    return _mm512_add_ps(x, _mm512_permute_ps(x, 0xb1));
-}
-// Heads h, h+1 (a pair of floats at p) to lanes 0-7 and 8-15, and back (lanes 0 and 8 to p).
-FD_INLINE __m512 spread2(const float *p) {
-    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
-                                 _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)p))));
-}
-FD_INLINE void gather2(float *p, __m512 x) {
-    x = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x);
-    _mm_store_sd((double *)p, _mm_castps_pd(_mm512_castps512_ps128(x)));
-}
-// block_softmax for two heads per vector (a block of 8 tokens): see the generic version.
-FD_INLINE int softmax_pairs(float *sc, int nb, int Hq, float *m, float *l, float *c) {
-    const __mmask16 valid = (__mmask16)(((1u << nb) - 1) * 0x0101u);
-    int h = 0;
-    for (; h + 2 <= Hq; h += 2) {
-        const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), valid, sc + (size_t)h * 8);
-        const __m512 mo = spread2(m + h), mn = _mm512_max_ps(mo, max8(x));
-        const __m512 e = _mm512_maskz_mov_ps(valid, exp_neg(_mm512_sub_ps(x, mn)));
-        const __m512 cc = exp_neg(_mm512_sub_ps(mo, mn));  // ~0 on the first block (m = -inf)
-        _mm512_storeu_ps(sc + (size_t)h * 8, e);
-        gather2(m + h, mn);
-        gather2(c + h, cc);
-        gather2(l + h, _mm512_fmadd_ps(spread2(l + h), cc, sum8(e)));
-    }
-    return h;  // heads done
-}
-#endif
-
-// The head's accumulator stays in registers across the block, up to 8 vectors at a time (4
-// independent chains keep the FMA unit busy; even/odd token chains measured no faster). Not
-// shared_accumulate with NH = 1: its prefetch per token here measured 0.67 of read against 0.87.
-FD_INLINE void block_accumulate(float *acc, float c, const float *p, const char *v, size_t row, int nb,
-                                int D, int fp16, Pf *pf) {
-    for (int i0 = 0; i0 < D; i0 += 128) {
-        __m512 a[8];
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) {
-            a[j] = _mm512_setzero_ps();
-            if (i0 + 16 * j < D) a[j] = _mm512_maskz_loadu_ps(mask_for(D - i0 - 16 * j), acc + i0 + 16 * j);
-            if (i0 + 16 * j < D && c != 1.0f) a[j] = _mm512_mul_ps(_mm512_set1_ps(c), a[j]);
-        }
+// Sixteen heads per vector: the block's max, exps and sum need no horizontal operation.
+FD_INLINE void block_softmax(float *st, int nb, int Hq, float *m, float *l, float *c) {
+    for (int h0 = 0; h0 < Hq; h0 += 16) {
+        const __mmask16 k = mask_for(Hq - h0);
+        const __m512 mo = _mm512_maskz_loadu_ps(k, m + h0);
+        __m512 mn = mo, sum = _mm512_setzero_ps();
+        for (int t = 0; t < nb; t++) mn = _mm512_max_ps(mn, _mm512_maskz_loadu_ps(k, st + (size_t)t * Hq + h0));
         for (int t = 0; t < nb; t++) {
-            if (t % 2 == 0) pf_lines(pf, PF_PER);
-            const __m512 pt = _mm512_set1_ps(p[t]);
-#pragma GCC unroll 8
-            for (int j = 0; j < 8; j++)
-                if (i0 + 16 * j < D)
-                    a[j] = _mm512_fmadd_ps(load16(v + (size_t)t * row, i0 + 16 * j, fp16, mask_for(D - i0 - 16 * j)), pt, a[j]);
+            const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, st + (size_t)t * Hq + h0), mn));
+            _mm512_mask_storeu_ps(st + (size_t)t * Hq + h0, k, e);
+            sum = _mm512_add_ps(sum, e);
         }
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++)
-            if (i0 + 16 * j < D) _mm512_mask_storeu_ps(acc + i0 + 16 * j, mask_for(D - i0 - 16 * j), a[j]);
+        const __m512 cc = exp_neg(_mm512_sub_ps(mo, mn));  // ~0 on the first block (m = -inf); 1 if max held
+        _mm512_mask_storeu_ps(c + h0, k, cc);
+        _mm512_mask_storeu_ps(l + h0, k, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, l + h0), cc, sum));
+        _mm512_mask_storeu_ps(m + h0, k, mn);
     }
 }
 
-// NH heads sharing one KV head: each V vector converted once, used by all of them; 16/NH
-// vectors of each head's accumulator in registers at a time.
-FD_INLINE void shared_accumulate(float *acc, const float *c, const float *p, const char *v, int NH,
-                                 size_t row, int nb, int D, int fp16, Pf *pf) {
-    const int VC = 16 / NH;
-    for (int i0 = 0; i0 < D; i0 += 16 * VC) {
-        __m512 a[16];
-#pragma GCC unroll 16
-        for (int j = 0; j < 16; j++) {
-            a[j] = _mm512_setzero_ps();
-            if (i0 + 16 * (j % VC) < D) {
-                const int i = i0 + 16 * (j % VC);
-                a[j] = _mm512_mul_ps(_mm512_set1_ps(c[j / VC]), _mm512_maskz_loadu_ps(mask_for(D - i), acc + (size_t)(j / VC) * D + i));
-            }
-        }
-        for (int t = 0; t < nb; t++) {
-            pf_lines(pf, PF_PER);
-            __m512 pj[4];
-#pragma GCC unroll 4
-            for (int h = 0; h < NH; h++) pj[h] = _mm512_set1_ps(p[(size_t)h * BT + t]);
-#pragma GCC unroll 8
-            for (int u = 0; u < VC; u++)
-                if (i0 + 16 * u < D) {
-                    const __m512 x = load16(v + (size_t)t * row, i0 + 16 * u, fp16, mask_for(D - i0 - 16 * u));
-#pragma GCC unroll 4
-                    for (int h = 0; h < NH; h++) a[h * VC + u] = _mm512_fmadd_ps(x, pj[h], a[h * VC + u]);
-                }
-        }
-#pragma GCC unroll 16
-        for (int j = 0; j < 16; j++)
-            if (i0 + 16 * (j % VC) < D) {
-                const int i = i0 + 16 * (j % VC);
-                _mm512_mask_storeu_ps(acc + (size_t)(j / VC) * D + i, mask_for(D - i), a[j]);
-            }
-    }
-}
-
-#else  // AVX2+F16C or plain C: one token at a time, the accumulator in L1
+#else  // AVX2+F16C or plain C: one head at a time
 
 #if FD_AVX2
 FD_INLINE __m256 load8(const void *p, int i, int fp16) {
@@ -347,17 +294,24 @@ FD_INLINE __m256 exp_neg(__m256 x) {  // as the AVX-512 version; 2^n built in th
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
-FD_INLINE float exp_sub(float *s, float mx, int n) {
-    __m256 sum8 = _mm256_setzero_ps();
-    int t = 0;
-    for (; t + 8 <= n; t += 8) {
-        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx)));
-        _mm256_storeu_ps(s + t, e);
-        sum8 = _mm256_add_ps(sum8, e);
+// Eight heads per vector, as the AVX-512 block_softmax; returns the heads done.
+FD_INLINE int softmax8(float *st, int nb, int Hq, float *m, float *l, float *c) {
+    int h0 = 0;
+    for (; h0 + 8 <= Hq; h0 += 8) {
+        const __m256 mo = _mm256_loadu_ps(m + h0);
+        __m256 mn = mo, sum = _mm256_setzero_ps();
+        for (int t = 0; t < nb; t++) mn = _mm256_max_ps(mn, _mm256_loadu_ps(st + (size_t)t * Hq + h0));
+        for (int t = 0; t < nb; t++) {
+            const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(st + (size_t)t * Hq + h0), mn));
+            _mm256_storeu_ps(st + (size_t)t * Hq + h0, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        const __m256 cc = exp_neg(_mm256_sub_ps(mo, mn));
+        _mm256_storeu_ps(c + h0, cc);
+        _mm256_storeu_ps(l + h0, _mm256_fmadd_ps(_mm256_loadu_ps(l + h0), cc, sum));
+        _mm256_storeu_ps(m + h0, mn);
     }
-    float sum = hsum8(sum8);
-    for (; t < n; t++) sum += (s[t] = expf(s[t] - mx));
-    return sum;
+    return h0;
 }
 #else  // plain C: the same algorithm, left to the compiler's auto-vectorizer
 FD_INLINE float dot(const float *q, const void *k, int D, int fp16) {
@@ -370,57 +324,52 @@ FD_INLINE void axpy(float *acc, float p, const void *v, int D, int fp16) {
 }
 #endif
 
-FD_INLINE void block_accumulate(float *acc, float c, const float *p, const char *v, size_t row, int nb,
-                                int D, int fp16, Pf *pf) {
-    (void)pf;  // the caller issues the tile's prefetches
-    for (int i = 0; i < D; i++) acc[i] *= c;
-    for (int t = 0; t < nb; t++) axpy(acc, p[t], v + (size_t)t * row, D, fp16);
+FD_INLINE void rows_scores(const float *q, const char *k, size_t row, int TT, size_t head, int Hq, int G,
+                           int NH, int D, int fp16, float scale, float *st, Pf *pf) {
+    for (int t = 0; t < TT; t++)  // row by row; the tile's Hq / NH prefetch steps spread evenly
+        for (int h = 0; h < Hq; h++) {
+            if ((t * Hq + h) % (TT * NH) == 0) pf_step(pf);
+            st[(size_t)t * Hq + h] = scale * dot(q + (size_t)h * D, k + (size_t)t * row + (size_t)(h / G) * head, D, fp16);
+        }
 }
-// The tile operations of the AVX-512 path, one head at a time.
-FD_INLINE void tile_scores(const float *q, const char *k, int NH, size_t row, int nb, int D, int fp16,
-                           float scale, float *sc, Pf *pf) {
-    (void)pf;
-    for (int j = 0; j < NH; j++)
-        for (int t = 0; t < nb; t++)
-            sc[(size_t)j * BT + t] = scale * dot(q + (size_t)j * D, k + (size_t)t * row, D, fp16);
+FD_INLINE void rows_accumulate(float *acc, const float *p, const char *v, size_t row, int TT, size_t head,
+                               int Hq, int G, int NH, int D, int fp16, Pf *pf) {
+    for (int t = 0; t < TT; t++)
+        for (int h = 0; h < Hq; h++) {
+            if ((t * Hq + h) % (TT * NH) == 0) pf_step(pf);
+            axpy(acc + (size_t)h * D, p[(size_t)t * Hq + h], v + (size_t)t * row + (size_t)(h / G) * head, D, fp16);
+        }
 }
-FD_INLINE void shared_accumulate(float *acc, const float *c, const float *p, const char *v, int NH,
-                                 size_t row, int nb, int D, int fp16, Pf *pf) {
-    for (int j = 0; j < NH; j++) block_accumulate(acc + (size_t)j * D, c[j], p + (size_t)j * BT, v, row, nb, D, fp16, pf);
-}
-#endif
-
-// The online-softmax update of every head for one block: sc[h][0:nb] (heads BT floats apart)
-// becomes exp(sc - new max); m (running max) and l (sum of exps) are updated and c[h] =
-// exp(old max - new max) is the factor that rescales the head's old accumulator.
-FD_INLINE void block_softmax(float *sc, int nb, int Hq, float *m, float *l, float *c) {
-#ifdef FD_SOFTMAX_X2
-    int h = softmax_pairs(sc, nb, Hq, m, l, c);
+FD_INLINE void block_softmax(float *st, int nb, int Hq, float *m, float *l, float *c) {
+#if FD_AVX2
+    int h = softmax8(st, nb, Hq, m, l, c);
 #else
     int h = 0;
 #endif
-    for (; h < Hq; h++) {
-        float *s = sc + (size_t)h * BT;
-        const float mx = block_max(s, nb, m[h]);
+    for (; h < Hq; h++) {  // one head at a time: its scores are Hq floats apart
+        float mx = m[h], sum = 0.0f;
+        for (int t = 0; t < nb; t++) mx = st[(size_t)t * Hq + h] > mx ? st[(size_t)t * Hq + h] : mx;
+        for (int t = 0; t < nb; t++) sum += (st[(size_t)t * Hq + h] = expf(st[(size_t)t * Hq + h] - mx));
         c[h] = mx == m[h] ? 1.0f : expf(m[h] - mx);  // 0 on the first block (m = -inf)
-        l[h] = l[h] * c[h] + exp_sub(s, mx, nb);
+        l[h] = l[h] * c[h] + sum;
         m[h] = mx;
     }
 }
+#endif
 
 // --- one work item: sequence s, tokens [t0, t1), all heads ---
 
 typedef struct { int s, t0, t1; } Item;  // sequence s, tokens [t0, t1)
 
 // Writes the item's partial result: m[Hq] running max, l[Hq] sum of exp, acc[Hq, D] unnormalized.
-// Block by block (BT tokens), tile by tile of heads: the block's K rows were prefetched during
-// the previous block's V pass and its V rows during its own K pass, so each K and V byte is read
-// from memory once and found in cache.
+// Block by block (BT tokens): the K rows give every head's scores, one softmax update turns them
+// into weights, the accumulators are rescaled, and the V rows are added in. K and V are each
+// read once, front to back.
 FD_INLINE void attend_chunk(const float *q,         // [Hq, D]
                             const char *k,          // [L, Hkv, D] fp16 or fp32
                             const char *v,          // [L, Hkv, D]
                             int t0, int t1, int Hq, int Hkv, int D, int fp16, float scale,
-                            float *sc, float *c,    // [Hq, BT], [Hq] scratch: the block's scores, rescaling
+                            float *sc, float *c,    // [BT, Hq], [Hq] scratch: the block's scores, rescaling
                             float *m, float *l,     // [Hq], [Hq]
                             float *acc) {           // [Hq, D]
     const int G = Hq / Hkv;
@@ -428,32 +377,36 @@ FD_INLINE void attend_chunk(const float *q,         // [Hq, D]
     for (int h = 0; h < Hq; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
     memset(acc, 0, sizeof(float) * (size_t)Hq * D);
     const int NH = G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1;  // GQA: query heads that share K and V
-    const size_t tiles = (size_t)(Hq / NH);
+    const int steps = Hq / NH;  // steps of a tile: each issues its share of the prefetches
+    const int ahead = (int)((PF_AHEAD + row - 1) / row) > TRK ? (int)((PF_AHEAD + row - 1) / row) : TRK;  // rows
     for (int b0 = t0; b0 < t1; b0 += BT) {
-        const int nb = t1 - b0 < BT ? t1 - b0 : BT, nn = t1 - b0 - nb < BT ? t1 - b0 - nb : BT;
-        const char *kb = k + (size_t)b0 * row, *vb = v + (size_t)b0 * row, *kn = kb + (size_t)nb * row;
-        // Prefetch in the order of use, one step ahead: this block's V while its K is read, the
-        // next block's K while this V is read; each tile issues its share (`step` bytes).
-        const size_t v_bytes = (size_t)nb * row, k_bytes = (size_t)nn * row;
-        const size_t v_step = (v_bytes / tiles + 63) & ~(size_t)63, k_step = (k_bytes / tiles + 63) & ~(size_t)63;
-        for (int h = 0, i = 0; h < Hq; h += NH, i++) {  // K: the scores of every head, NH at a time
-            Pf pf = {vb, i * v_step, (i + 1) * v_step < v_bytes ? (i + 1) * v_step : v_bytes};
-            const size_t off = (size_t)(h / G) * head;
-            float *s = sc + (size_t)h * BT;
-            if (NH == 4) tile_scores(q + (size_t)h * D, kb + off, 4, row, nb, D, fp16, scale, s, &pf);
-            else if (NH == 2) tile_scores(q + (size_t)h * D, kb + off, 2, row, nb, D, fp16, scale, s, &pf);
-            else tile_scores(q + (size_t)h * D, kb + off, 1, row, nb, D, fp16, scale, s, &pf);
-            pf_lines(&pf, INT32_MAX);  // what the loops did not issue
+        const int nb = t1 - b0 < BT ? t1 - b0 : BT;
+        for (int t = b0, n; t < b0 + nb; t += n) {  // K: every head's scores, TRK rows at a time
+            n = b0 + nb - t >= TRK ? TRK : 1;
+            Pf pf = rows_ahead(k, t, n, ahead, t1, row, steps);
+            const char *kt = k + (size_t)t * row;
+            float *st = sc + (size_t)(t - b0) * Hq;
+            if (n == 1) rows_scores(q, kt, row, 1, head, Hq, G, 1, D, fp16, scale, st, &pf);
+            else if (NH == 4) rows_scores(q, kt, row, TRK, head, Hq, G, 4, D, fp16, scale, st, &pf);
+            else if (NH == 2) rows_scores(q, kt, row, TRK, head, Hq, G, 2, D, fp16, scale, st, &pf);
+            else rows_scores(q, kt, row, TRK, head, Hq, G, 1, D, fp16, scale, st, &pf);
+            pf_rest(&pf);
         }
-        block_softmax(sc, nb, Hq, m, l, c);
-        for (int h = 0, i = 0; h < Hq; h += NH, i++) {  // V: every head's accumulator
-            Pf pf = {kn, i * k_step, (i + 1) * k_step < k_bytes ? (i + 1) * k_step : k_bytes};
-            const size_t off = (size_t)(h / G) * head;
-            float *a = acc + (size_t)h * D;
-            if (NH == 1) block_accumulate(a, c[h], sc + (size_t)h * BT, vb + off, row, nb, D, fp16, &pf);
-            else if (NH == 2) shared_accumulate(a, c + h, sc + (size_t)h * BT, vb + off, 2, row, nb, D, fp16, &pf);
-            else shared_accumulate(a, c + h, sc + (size_t)h * BT, vb + off, 4, row, nb, D, fp16, &pf);
-            pf_lines(&pf, INT32_MAX);
+        block_softmax(sc, nb, Hq, m, l, c);  // sc now holds the weights; c rescales the old acc
+        for (int h = 0; h < Hq; h++)
+            if (c[h] != 1.0f)
+                for (int i = 0; i < D; i++) acc[(size_t)h * D + i] *= c[h];
+        const int tv = NH == 1 ? TRV1 : TRV;
+        for (int t = b0, n; t < b0 + nb; t += n) {  // V: every head's accumulator, tv rows at a time
+            n = b0 + nb - t >= tv ? tv : 1;
+            Pf pf = rows_ahead(v, t, n, ahead, t1, row, steps);
+            const char *vt = v + (size_t)t * row;
+            const float *p = sc + (size_t)(t - b0) * Hq;
+            if (n == 1) rows_accumulate(acc, p, vt, row, 1, head, Hq, G, 1, D, fp16, &pf);
+            else if (NH == 4) rows_accumulate(acc, p, vt, row, TRV, head, Hq, G, 4, D, fp16, &pf);
+            else if (NH == 2) rows_accumulate(acc, p, vt, row, TRV, head, Hq, G, 2, D, fp16, &pf);
+            else rows_accumulate(acc, p, vt, row, TRV1, head, Hq, G, 1, D, fp16, &pf);
+            pf_rest(&pf);
         }
     }
 }
