@@ -124,26 +124,29 @@ FD_INLINE __m512 load16(const void *p, int i, int fp16, __mmask16 m) {
 }
 FD_INLINE __mmask16 mask_for(int left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
 
-// Lane selections for the levels of a transposed reduction (fold): L[k] pairs lanes 2^(3-k) apart.
-static const int FOLD[4][32] = {
-    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
-    {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
-    {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
-    {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31}};
-
-// Sum each of x, y's lanes pairwise as selected by lo/hi: one level of a transposed reduction.
-FD_INLINE __m512 fold(__m512 x, __m512 y, const int *lo) {
-    __m512i l = _mm512_loadu_si512(lo), h = _mm512_loadu_si512(lo + 16);
-    return _mm512_add_ps(_mm512_permutex2var_ps(x, l, y), _mm512_permutex2var_ps(x, h, y));
+// Sum each of x, y's 128-bit chunks pairwise (chunks 0+2, 1+3 of x, then of y; or, for sel 1,
+// chunks 0+1, 2+3): the first two levels of a transposed reduction.
+FD_INLINE __m512 fold_chunks(__m512 x, __m512 y, int sel) {
+    if (sel == 0) return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xee));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xdd));
+}
+// The same inside each 128-bit chunk: lanes 0+2, 1+3 (sel 0) or 0+1, 2+3 (sel 1).
+FD_INLINE __m512 fold_lanes(__m512 x, __m512 y, int sel) {
+    if (sel == 0) return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xee));
+    return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xdd));
 }
 
-// Reduce 16 vectors to one vector of their 16 horizontal sums: 15 folds instead of 16 reductions.
+// Reduce 16 vectors to one vector of their 16 horizontal sums in 15 folds of two shuffles and
+// an add each. The sum of a[j] lands in lane 4 * (j % 4) + j / 4 (see hsum_lane).
 FD_INLINE __m512 hsum16x16(const __m512 a[16]) {
     __m512 b[8], c[4], d[2];
-    for (int j = 0; j < 8; j++) b[j] = fold(a[2 * j], a[2 * j + 1], FOLD[0]);  // lanes: 8 + 8 sums
-    for (int j = 0; j < 4; j++) c[j] = fold(b[2 * j], b[2 * j + 1], FOLD[1]);  // 4 sums x 4
-    for (int j = 0; j < 2; j++) d[j] = fold(c[2 * j], c[2 * j + 1], FOLD[2]);  // 8 sums x 2
-    return fold(d[0], d[1], FOLD[3]);                                          // 16 sums x 1
+    for (int j = 0; j < 8; j++) b[j] = fold_chunks(a[2 * j], a[2 * j + 1], 0);
+    for (int j = 0; j < 4; j++) c[j] = fold_chunks(b[2 * j], b[2 * j + 1], 1);
+    for (int j = 0; j < 2; j++) d[j] = fold_lanes(c[2 * j], c[2 * j + 1], 0);
+    return fold_lanes(d[0], d[1], 1);
+}
+FD_INLINE __m512i hsum_lane(__m512i j) {
+    return _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(j, _mm512_set1_epi32(3)), 2), _mm512_srli_epi32(j, 2));
 }
 
 // Scores of TT token rows (k, k + row, ..) for every head: st[t * Hq + h]. A tile is 16 / TT
@@ -180,8 +183,8 @@ FD_INLINE void rows_scores(const float *restrict q, const char *k, size_t row, i
 #pragma GCC unroll 4
         for (int t = 0; t < TT; t++)
             _mm512_mask_storeu_ps(st + (size_t)t * Hq + h0, keep,
-                                  _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(t * HG),
-                                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), s));
+                                  _mm512_permutexvar_ps(hsum_lane(_mm512_add_epi32(_mm512_set1_epi32(t * HG),
+                                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))), s));
     }
 }
 
