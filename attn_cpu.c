@@ -178,7 +178,8 @@ FD_INLINE void rows_scores(const float *restrict q, const char *k, size_t row, i
                 }
             }
         }
-        const __m512 s = _mm512_mul_ps(hsum16x16(a), _mm512_set1_ps(scale));  // lane t * HG + j: row t, head h0 + j
+        // a[t * HG + j] is row t, head h0 + j; its sum is in lane hsum_lane(t * HG + j): gather row t's.
+        const __m512 s = _mm512_mul_ps(hsum16x16(a), _mm512_set1_ps(scale));
         const __mmask16 keep = mask_for(Hq - h0 < HG ? Hq - h0 : HG);
 #pragma GCC unroll 4
         for (int t = 0; t < TT; t++)
