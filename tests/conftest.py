@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random Hugging Face checkpoints written by the tests themselves."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -10,7 +12,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Tests never read the user's calibration profile; the ones that need one write their own.
-os.environ["FASTDECODE_PROFILE"] = os.path.join(tempfile.mkdtemp(prefix="fd-test-"), "profile.json")
+_PROFILE_DIR = tempfile.mkdtemp(prefix="fd-test-")
+_OWNER = os.getpid()  # a forked worker that runs atexit handlers must not remove it under the run
+atexit.register(lambda: os.getpid() == _OWNER and shutil.rmtree(_PROFILE_DIR, ignore_errors=True))
+os.environ["FASTDECODE_PROFILE"] = os.path.join(_PROFILE_DIR, "profile.json")
 
 VOCAB = 256
 
