@@ -382,7 +382,7 @@ FD_INLINE void attend_chunk(const float *q,         // [Hq, D]
     memset(acc, 0, sizeof(float) * (size_t)Hq * D);
     const int NH = G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1;  // GQA: query heads that share K and V
     const int steps = Hq / NH;  // steps of a tile: each issues its share of the prefetches
-    const int ahead = (int)((PF_AHEAD + row - 1) / row) > TRK ? (int)((PF_AHEAD + row - 1) / row) : TRK;  // rows
+    const int pf_rows = (int)((PF_AHEAD + row - 1) / row), ahead = pf_rows > TRK ? pf_rows : TRK;  // rows
     for (int b0 = t0; b0 < t1; b0 += BT) {
         const int nb = t1 - b0 < BT ? t1 - b0 : BT;
         for (int t = b0, n; t < b0 + nb; t += n) {  // K: every head's scores, TRK rows at a time
