@@ -41,8 +41,28 @@ from sampling import SamplingParams, TextStream, sample_each  # noqa: E402
 # --- requests ---
 
 
+# Prompt tokens prefilled per step at most (a longer prompt takes several steps while the running
+# sequences go on decoding): `--max-prefill-tokens`, or the performance model's choice.
+DEFAULT_PREFILL_TOKENS = 512
+
+
 class NeverFits(ValueError, MemoryError):
     """A request needs more KV than any worker has even when empty: it could never run."""
+
+
+@dataclasses.dataclass
+class Prefill:
+    """A sequence's prefill in progress: its tokens go through the S-Part a chunk per step, and
+    its K/V stay on the device until the last chunk, then go to a worker in one piece."""
+    tokens: list                 # what to prefill: the prompt (+ all but the last generated token, after a worker loss)
+    done: int = 0                # tokens prefilled so far
+    k: torch.Tensor = None       # [n_layers, done, Hkv, D] on the device, the S-Part's dtype
+    v: torch.Tensor = None
+    logits: torch.Tensor = None  # [V] float32 of the last token prefilled: samples the first new token
+
+    @property
+    def finished(self):
+        return self.done == len(self.tokens)
 
 
 @dataclasses.dataclass(eq=False)
@@ -53,6 +73,7 @@ class Request(sched.Sequence):
     generator: torch.Generator = None
     text: TextStream = None
     finish_reason: str = None    # "stop" (EOS, a stop token or string), "length", "abort"
+    prefill: Prefill = None      # set while its prompt is being prefilled, None once it decodes
 
 
 @dataclasses.dataclass
@@ -86,14 +107,15 @@ class LLM:
 
     def __init__(self, model, *, workers=1, worker_hosts=None, device=None, dtype=None,
                  kv_dtype="float16", kv_mem=kvcache.DEFAULT_KV_MEM, worker_threads=None, pipeline=None,
-                 schedule="stabilized", max_batch=None, kv_cap=0, secret=None, trace=None, quiet=False):
+                 schedule="stabilized", max_batch=None, kv_cap=0, max_prefill_tokens=DEFAULT_PREFILL_TOKENS,
+                 secret=None, trace=None, quiet=False):
         self.backend = None
         self.spart = spart_mod.SPart.load(model, device=device, dtype=dtype, quiet=quiet)
         c = self.spart.cfg
         self.kv_cfg = kvcache.KVConfig(c.n_layers, c.n_kv_heads, c.head_dim, kv_dtype, kvcache.parse_size(kv_mem))
         if pipeline is None:  # overlap pays where the two sides have their own hardware
             pipeline = self.spart.device.type != "cpu" or bool(worker_hosts)
-        self.pipeline, self.quiet = pipeline, quiet
+        self.pipeline, self.quiet, self.max_prefill_tokens = pipeline, quiet, max_prefill_tokens
         batch = {"max_batch": max_batch} if max_batch else {}
         self.scheduler = sched.Scheduler(sched.SchedulerConfig(policy=schedule, kv_cap=kv_cap, **batch))
         if worker_hosts or workers:
@@ -104,6 +126,7 @@ class LLM:
         self.stats = StepStats()
         self.decode_step = DecodeStep(self.spart, self.backend, self.kv_cfg.dtype, self.stats, trace)
         self.requests = {}       # request id -> Request, from add_request until it finishes
+        self.prefilling = []     # admitted Requests whose prefill is not finished, oldest first
         self.outbox = []         # RequestOutputs made since the last step() returned
         self.next_seq = 0
 
@@ -181,6 +204,8 @@ class LLM:
         if req is None or not self.scheduler.remove(req):
             return
         req.done, req.finish_reason = True, "abort"
+        if req.prefill is not None:
+            self.prefilling.remove(req)
         self.outbox.append(self._output(req, []))
         if self.backend.holds(req.idx):
             try:
@@ -199,12 +224,14 @@ class LLM:
     # --- one step ---
 
     def step(self):
-        """Admit, prefill, decode one token for every running sequence, retire -> the outputs
-        of this step (one per request that produced a token, finished, or was aborted)."""
+        """Admit, prefill a chunk, decode one token for every running sequence, retire -> the
+        outputs of this step (one per request that produced a token, finished, or was aborted)."""
         try:
-            self._prefill(self.scheduler.admit(self._placer()))
+            for r in self.scheduler.admit(self._placer()):
+                self._start_prefill(r)
+            self._prefill_chunk()
             self._retire()
-            if self.scheduler.running:
+            if any(r.prefill is None for r in self.scheduler.running):
                 self._decode()
                 self._retire()
         except backend.WorkerLost as lost:
@@ -213,8 +240,9 @@ class LLM:
         return out
 
     def _placer(self):
-        """can_place(seq) for one admission round: each yes reserves its room for the next asks."""
-        planned = []
+        """can_place(seq) for one admission round. The sequences still in prefill hold no KV on
+        a worker yet, so their room is counted first; each yes reserves room for the next asks."""
+        planned = [r.capacity for r in self.prefilling]
 
         def can_place(seq):
             if not self.backend.can_place(planned + [seq.capacity]):
@@ -223,34 +251,62 @@ class LLM:
             return True
         return can_place
 
-    def _prefill(self, reqs):
-        """Prefill new (or lost) sequences on the device, place their K/V on a worker, and sample
-        the first token of those that have none yet."""
-        if not reqs:
-            return
+    # --- prefill: chunks of many prompts in one packed forward ---
+
+    def _start_prefill(self, r):
+        r.prefill = Prefill(r.prompt + r.generated[:-1])  # after a worker loss: all but the last token
+        self.prefilling.append(r)
+
+    def _prefill_chunk(self):
+        """Up to max_prefill_tokens prompt tokens, oldest sequences first, through the S-Part
+        in one packed forward; a sequence whose prompt is done goes to a worker."""
+        budget, picked = self.max_prefill_tokens, []
+        for r in self.prefilling:
+            n = min(budget, len(r.prefill.tokens) - r.prefill.done)
+            if n > 0:
+                picked.append((r, n))
+                budget -= n
         t = time.perf_counter()
+        if picked:
+            items = [spart_mod.PrefillItem(p.tokens[p.done:p.done + n], p.done, p.k, p.v)
+                     for p, n in ((r.prefill, n) for r, n in picked)]
+            for (r, n), res in zip(picked, self._run_prefill(items)):
+                p = r.prefill
+                p.k = res.k if p.k is None else torch.cat([p.k, res.k], 1)
+                p.v = res.v if p.v is None else torch.cat([p.v, res.v], 1)
+                p.done, p.logits = p.done + n, res.logits
+                self.stats.prefill_tokens += n
+        for r in [r for r in self.prefilling if r.prefill.finished]:  # (one whose placing failed too)
+            self._place(r)
+        self.stats.prefill_wall += time.perf_counter() - t
+
+    def _run_prefill(self, items):
         decode_threads = torch.get_num_threads()
         if self.spart.device.type == "cpu":  # the workers idle during prefill: use every core
             torch.set_num_threads(os.cpu_count() or 1)
         try:
-            for r in reqs:
-                tokens = r.prompt + r.generated[:-1]     # a lost sequence redoes all but its last token
-                logits, K, V = self.spart.prefill(tokens)  # K, V [n_layers, L, Hkv, D]
-                self.backend.add(r.idx, to_host(K, self.kv_cfg.dtype), to_host(V, self.kv_cfg.dtype), r.capacity)
-                self.stats.prefill_tokens += len(tokens)
-                if not r.generated:
-                    self._append_token(r, sample_each(logits[None], [r.params], [r.generator])[0])
+            return self.spart.prefill_batch(items)
         finally:
             torch.set_num_threads(decode_threads)
-            self.stats.prefill_wall += time.perf_counter() - t
+
+    def _place(self, r):
+        """Prefill done: K/V to the worker with the most free KV, and the first token sampled
+        (unless the sequence had its tokens already: a re-prefill after a worker loss)."""
+        p, dt = r.prefill, self.kv_cfg.dtype
+        self.backend.add(r.idx, to_host(p.k, dt), to_host(p.v, dt), r.capacity)
+        r.prefill = None
+        self.prefilling.remove(r)
+        if not r.generated:
+            self._append_token(r, sample_each(p.logits[None], [r.params], [r.generator])[0])
 
     def _decode(self):
         sc, st = self.scheduler, self.stats
-        micro = sc.split() if self.pipeline else [sorted(sc.running, key=lambda s: s.idx)]
-        st.kv_per_step.append(sc.kv_tokens())
-        st.batch_per_step.append(len(sc.running))
+        seqs = [r for r in sc.running if r.prefill is None]
+        micro = sc.split(seqs) if self.pipeline else [sorted(seqs, key=lambda s: s.idx)]
+        st.kv_per_step.append(sum(s.length for s in seqs))
+        st.batch_per_step.append(len(seqs))
         held = {}
-        for s in sc.running:
+        for s in seqs:
             w = self.backend.worker_of(s.idx)
             held[w] = held.get(w, 0) + s.length
         for w, n in held.items():
@@ -287,18 +343,17 @@ class LLM:
             self.backend.drop(r.idx)
 
     def _recover(self, lost):
-        """A worker died: prefill every running sequence whose KV is gone again, on the survivors,
-        from its token ids. The interrupted step is redone by the next step()."""
+        """A worker died: every running sequence whose KV is gone is prefilled again from its
+        token ids (by the next steps, on the survivors); the interrupted step is redone."""
         self.backend.remove_worker(lost.worker)
         if not self.backend.alive:
             raise RuntimeError(f"worker {lost.worker} was lost and no worker survives: {lost}") from lost
         if not self.quiet:
             print(f"\n!!! worker {lost.worker} lost ({lost}); re-prefilling its sequences on "
                   f"{len(self.backend.alive)} survivor(s)", flush=True)
-        try:
-            self._prefill([r for r in self.scheduler.running if not self.backend.holds(r.idx)])
-        except backend.WorkerLost as again:
-            self._recover(again)
+        for r in self.scheduler.running:
+            if r.prefill is None and not self.backend.holds(r.idx):
+                self._start_prefill(r)
 
     # --- offline generation: a loop over the step API ---
 

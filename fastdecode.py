@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from engine import LLM, NeverFits, Output, RequestOutput, SamplingParams  # noqa: F401  (the public API)
+from engine import DEFAULT_PREFILL_TOKENS, LLM, NeverFits, Output, RequestOutput, SamplingParams  # noqa: F401  (the public API)
 from pipeline import StepStats  # noqa: F401
 from sampling import sample  # noqa: F401
 from tracer import Tracer  # noqa: F401
@@ -102,6 +102,8 @@ def parse_args(argv=None):
     a("--gen-len", default="32", help="synthetic workload: tokens to generate, a number or a range LO-HI")
     a("--max-batch", type=int, default=None, help="most sequences running at once (default: from the perf model, else 32)")
     a("--kv-cap", type=int, default=None, help="cap on the running batch's KV tokens (default: from the perf model, else none)")
+    a("--max-prefill-tokens", type=int, default=None,
+      help=f"prompt tokens prefilled per step at most (default: from the perf model, else {DEFAULT_PREFILL_TOKENS})")
     a("--kv-dtype", default="float16", choices=["float16", "float32"], help="KV-cache element type")
     a("--kv-mem", default=kvcache.DEFAULT_KV_MEM, help="KV memory budget per worker")
     a("--device", default=None, help="S-Part device (default: cuda if available, else cpu)")
@@ -141,8 +143,9 @@ def apply_plan(llm, prof, args, mean_gen):
                        workers=len(llm.backend.free_bytes()), pipelined=llm.pipeline, kv_dtype=llm.kv_cfg.dtype)
     llm.sched_cfg = dataclasses.replace(llm.sched_cfg, max_batch=args.max_batch or p["max_batch"],
                                         kv_cap=p["kv_cap"] if args.kv_cap is None else args.kv_cap)
-    print(f"perf model plan: max batch {llm.sched_cfg.max_batch}, KV cap {llm.sched_cfg.kv_cap} tokens "
-          f"(predicted {p['tok_s']:.1f} tok/s at batch {p['max_batch']})")
+    llm.max_prefill_tokens = args.max_prefill_tokens or p["max_prefill_tokens"]
+    print(f"perf model plan: max batch {llm.sched_cfg.max_batch}, KV cap {llm.sched_cfg.kv_cap} tokens, "
+          f"prefill {llm.max_prefill_tokens} tokens a step (predicted {p['tok_s']:.1f} tok/s at batch {p['max_batch']})")
 
 
 def parse_ids(text):
@@ -171,7 +174,7 @@ def run_workload(llm, args, prof):
     prompts = [rng.integers(4, llm.spart.cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.num_requests)]
     gens = gen_lengths(args.gen_len, args.num_requests, rng)
     print(f"workload: {args.num_requests} requests, prompt {args.prompt_len}, gen {args.gen_len} tokens (ignore EOS)")
-    if prof is not None and (args.max_batch is None or args.kv_cap is None):
+    if prof is not None and None in (args.max_batch, args.kv_cap, args.max_prefill_tokens):
         apply_plan(llm, prof, args, float(np.mean(gens)))
     t = time.perf_counter()
     outs = llm.generate(prompts, max_new_tokens=gens, temperature=args.temperature, top_p=args.top_p,
@@ -192,7 +195,7 @@ def run(args):
     with LLM(args.model, workers=args.workers, worker_hosts=hosts, device=args.device, dtype=args.dtype,
              kv_dtype=args.kv_dtype, kv_mem=args.kv_mem, worker_threads=wt, pipeline=args.pipeline,
              schedule=args.schedule, max_batch=args.max_batch, kv_cap=args.kv_cap or 0, secret=secret,
-             trace=tracer) as llm:
+             max_prefill_tokens=args.max_prefill_tokens or DEFAULT_PREFILL_TOKENS, trace=tracer) as llm:
         outs, wall = run_prompts(llm, args) if args.prompt or args.prompt_ids else run_workload(llm, args, prof)
         rep = report(llm, outs, wall, args, prof)
         if tracer:

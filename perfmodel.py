@@ -192,7 +192,20 @@ def plan(prof, cfg, prompt, gen, *, kv_mem_bytes, workers=1, pipelined=False, kv
     if pipelined:
         _, p = host_step(prof, cfg, batch, mean_len, kv_dtype=kv_dtype, pipelined=True)
         kv_cap = int(kv_cap * max(1.0, p["s"] / max(p["r"], 1e-12)))  # R time grows with KV: balance
-    return {"max_batch": batch, "kv_cap": kv_cap, "tok_s": tput[batch]}
+    step = host_step(prof, cfg, batch, mean_len, kv_dtype=kv_dtype, pipelined=pipelined)[0]
+    return {"max_batch": batch, "kv_cap": kv_cap, "tok_s": tput[batch],
+            "max_prefill_tokens": prefill_tokens(prof, cfg, step)}
+
+
+def prefill_tokens(prof, cfg, step_s, lo=64, hi=8192):
+    """The chunked-prefill cap: the most prompt tokens whose S-Part pass takes no longer than
+    one decode step, so a running sequence waits at most about two steps for its next token
+    while a prompt is prefilled (a prefill chunk costs about what a decode batch of as many
+    tokens does: the same matmuls; prompt attention is small beside them at these lengths)."""
+    t = lo
+    while t * 2 <= hi and s_host_time(prof, cfg, t * 2) <= step_s:
+        t *= 2
+    return t
 
 
 # --- main: one function per subcommand ---

@@ -126,10 +126,11 @@ class Scheduler:
             self.mean_gen = n if self.mean_gen is None else self.mean_gen + (n - self.mean_gen) / 16
         return done
 
-    def split(self):
-        """Two micro-batches of about equal total KV length (greedy, longest first)."""
+    def split(self, seqs=None):
+        """Two micro-batches of about equal total KV length (greedy, longest first), of `seqs`
+        (default: all running)."""
         a, b, la, lb = [], [], 0, 0
-        for s in sorted(self.running, key=lambda s: -s.length):
+        for s in sorted(self.running if seqs is None else seqs, key=lambda s: -s.length):
             if la <= lb:
                 a.append(s)
                 la += s.length
