@@ -27,7 +27,7 @@ def hf_greedy(model, prompt, n=NEW):
 @pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
 def test_greedy_tokens_equal_transformers(checkpoint, kind, kv_dtype):
     d, model = checkpoint(kind)
-    with fastdecode.LLM(d, workers=0, kv_dtype=kv_dtype, quiet=True) as llm:
+    with fastdecode.LLM(d, workers=0, dtype="float32", kv_dtype=kv_dtype, quiet=True) as llm:
         ours = llm.generate(PROMPTS, max_new_tokens=NEW, ignore_eos=True)
     for p, o in zip(PROMPTS, ours):
         assert o.token_ids == hf_greedy(model, p), f"{kind} {kv_dtype}: prompt {p}"
@@ -59,7 +59,7 @@ def reference_logits(sp, tokens, prompt_len, kv_dtype="float32"):
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_transformers(checkpoint, kind):
     d, model = checkpoint(kind)
-    sp = spart.SPart.load(d)
+    sp = spart.SPart.load(d, dtype="float32")
     tokens = PROMPTS[0] + hf_greedy(model, PROMPTS[0], 24)
     ours = reference_logits(sp, tokens, len(PROMPTS[0]))
     with torch.no_grad():
@@ -73,7 +73,7 @@ def test_checkpoint_formats(checkpoint, fmt):
     d, model = checkpoint("llama-gqa", fmt)
     if fmt == "sharded":
         assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))
-    with fastdecode.LLM(d, workers=0, quiet=True) as llm:
+    with fastdecode.LLM(d, workers=0, dtype="float32", quiet=True) as llm:
         out = llm.generate([PROMPTS[0]], max_new_tokens=NEW, ignore_eos=True)
     assert out[0].token_ids == hf_greedy(model, PROMPTS[0])
 
