@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +220,13 @@ def default_device_dtype(cfg, device=None, dtype=None):
 class LayerWeights:
     """One layer's weights, with the matmuls that read the same input stacked into one: fewer
     torch calls per layer (each costs ~5-20 us of dispatch at batch 1) and one bigger matmul.
-    Norm 1 is before attention (after it in post-LN OPT), norm 2 before the MLP (after it)."""
+    Norm 1 is before attention (after it in post-LN OPT), norm 2 before the MLP (after it).
+
+    torch.compile of the per-layer S-Part does not pay on this CPU (torch 2.13, 1 thread, bf16,
+    measured interleaved with eager): pre_attn and post_attn compiled as functions of the layer's
+    tensors (dynamic batch, so one graph for all layers and batch sizes) ran 0.72-1.00x eager's
+    speed at batch 1/16/32 on SmolLM2-135M's shape and 0.84-0.97x on opt-125m's, after 26 s / 7 s
+    of compiling. The time is in the matmuls, which compiling leaves to the same oneDNN calls."""
     norm1_w: torch.Tensor                 # [H]
     norm1_b: torch.Tensor | None          # [H] (OPT's LayerNorm; Llama's RMSNorm has none)
     qkv_w: torch.Tensor                   # [(Hq + 2 Hkv) D, H]: q, k, v projections stacked
@@ -460,3 +467,34 @@ class SPart:
         K [n_layers, L, Hkv, D], V [n_layers, L, Hkv, D]) in the compute dtype, on the device."""
         r = self.prefill_batch([PrefillItem(list(token_ids))])[0]
         return r.logits, r.k, r.v
+
+
+# --- measuring: what one layer and one prefill cost (bench.py and perfmodel.py call these) ---
+
+
+@torch.inference_mode()
+def layer_seconds(sp, batch, reps=20):
+    """Median seconds of one layer's S-Part at `batch` sequences in decode (pre_attn, then
+    post_attn with a stand-in attention output), cycling through the layers so the weights are
+    read from memory as in a real step, not from cache."""
+    c, dev = sp.cfg, sp.device
+    h = torch.randn(batch, c.hidden, device=dev).to(sp.dtype) * 0.1
+    o = torch.randn(batch, c.n_heads, c.head_dim, device=dev)                 # float32, as workers return it
+    pos = torch.arange(batch, device=dev) + 64
+    times = []
+    for i in range(reps + 2):
+        layer = i % c.n_layers
+        t = time.perf_counter()
+        sp.pre_attn(layer, h, pos)
+        sp.post_attn(layer, h, o)[0, 0].item()                                 # .item() waits for a GPU
+        times.append(time.perf_counter() - t)
+    return sorted(times[2:])[reps // 2]
+
+
+def prefill_seconds(sp, batch, prompt_len, seed=0):
+    """Seconds to prefill `batch` random prompts of `prompt_len` tokens in one prefill_batch."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(4, sp.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
+    t = time.perf_counter()
+    sp.prefill_batch([PrefillItem(p) for p in prompts])[0].logits[0].item()
+    return time.perf_counter() - t
