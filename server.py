@@ -313,7 +313,7 @@ async def stream(flight, builder, want_ids):
                 yield protocol.sse(builder.chunk(i, "", first=True))
         async for i, out in flight:
             ptoks[i], ctoks[i] = out.prompt_tokens, out.completion_tokens
-            if out.text_delta or out.finished or want_ids:
+            if out.new_token_ids or out.finished:   # one event per token, even with no text yet
                 yield protocol.sse(builder.chunk(i, out.text_delta, out.finish_reason,
                                                  token_ids=out.new_token_ids if want_ids else None))
         if builder.include_usage:
