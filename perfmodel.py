@@ -15,21 +15,29 @@ against batch size, loopback latency and bandwidth) into a JSON profile; `host_s
 a step of the engine on it, and `plan` turns that into the engine's batch size and KV cap.
 
     python perfmodel.py calibrate      # writes ~/.cache/fastdecode/profile.json ($FASTDECODE_PROFILE)
+    python perfmodel.py predict --host --model opt-1.3b   # fastdecode.py on this calibrated machine
 """
 import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
-import rpart
+import backend
 
-rpart.short_openmp_spin()  # measure as the engine runs (before torch loads libgomp)
+backend.short_openmp_spin()  # measure as the engine runs (before torch loads libgomp)
+import kvcache  # noqa: E402
+import rpart  # noqa: E402
 import spart  # noqa: E402
 
-PROFILE = os.environ.get("FASTDECODE_PROFILE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdecode", "profile.json")
+
+def profile_path():
+    """Where the calibration profile lives: $FASTDECODE_PROFILE, else ~/.cache/fastdecode/profile.json
+    (read when asked, so a test or a user may point it elsewhere at any time)."""
+    return os.environ.get("FASTDECODE_PROFILE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdecode", "profile.json")
 
 # --- hardware ---
 
@@ -203,41 +211,43 @@ def fit_spart(points):
 def measure_loopback(threads):
     """One local worker over loopback: round-trip latency, bandwidth, and what a decode call
     costs beyond the kernel (framing, Python on both sides), fixed and per sequence."""
-    import kvcache
-    procs, addrs = rpart.spawn_workers(1, threads=threads, kv_mem=2**28)
+    procs, addrs = backend.start_local_workers(1, threads=threads, kv_mem=2**28)
     try:
-        c = rpart.WorkerClient(*addrs[0])
-        kv = kvcache.KVConfig(1, 32, 64, "float16", 2**28)
-        c.configure(kv, 32)
+        c = backend.WorkerClient(*addrs[0])
+        c.configure(kvcache.KVConfig(1, 32, 64, "float16", 2**28), 32)
         out = {"latency_s": best_time(lambda: c.stats(), 50)}
-        c.call(rpart.ADD, (0, 1024))
+        c.add(0, 1024)
         K = np.ones((1024, 32, 64), np.float16)  # 4 MiB each of K and V per FILL
-        fill = best_time(lambda: c.call(rpart.FILL, (0, 0, 1024), (K, K)), 10)
+        fill = best_time(lambda: c.fill(0, 0, K, K), 10)
         out["gbs"] = 2 * K.nbytes / max(fill - out["latency_s"], 1e-9) / 1e9
-        c.call(rpart.DROP, (0,))
-        over = {}
-        for S in (1, 16):  # a decode call at length 64: round trip minus the kernel on the same data
-            rng = np.random.default_rng(S)
-            Ks, Vs = (rng.standard_normal((S, 64, 32, 64), dtype=np.float32).astype(np.float16) for _ in "KV")
-            for i in range(S):
-                c.add(100 + i, 64, Ks[i][None, :63], Vs[i][None, :63])
-            q, ids = rng.standard_normal((S, 32, 64), dtype=np.float32), list(range(100, 100 + S))
-
-            def call():
-                c.send_decode(0, ids, [63] * S, q, Ks[:, 63], Vs[:, 63])
-                c.recv_out((S, 32, 64))
-            rpc = best_time(call, 30)
-            over[S] = rpc - best_time(lambda: rpart.decode_attention(q, list(Ks), list(Vs), num_threads=threads), 30)
-            for i in range(S):
-                c.call(rpart.DROP, (100 + i,))
+        c.drop(0)
+        over = {S: decode_overhead(c, S, threads) for S in (1, 16)}
         out["rpc_per_seq_s"] = max(0.0, (over[16] - over[1]) / 15)
         out["rpc_call_s"] = max(0.0, over[1] - out["rpc_per_seq_s"])
-        c.call(rpart.SHUTDOWN)
+        c.shutdown()
     finally:
         for p in procs:
-            p.join(timeout=5)
             p.kill()
+            p.wait(5)
     return out
+
+
+def decode_overhead(c, S, threads):
+    """Seconds a decode call of S sequences at length 64 costs beyond the kernel on the same data."""
+    rng = np.random.default_rng(S)
+    Ks, Vs = (rng.standard_normal((S, 64, 32, 64), dtype=np.float32).astype(np.float16) for _ in "KV")
+    for i in range(S):
+        c.add_filled(100 + i, 64, Ks[i][None, :63], Vs[i][None, :63])
+    q, ids = rng.standard_normal((S, 32, 64), dtype=np.float32), list(range(100, 100 + S))
+
+    def call():
+        c.send_decode(0, ids, [63] * S, q, Ks[:, 63], Vs[:, 63])
+        c.recv_out((S, 32, 64))
+    rpc = best_time(call, 30)
+    kernel = best_time(lambda: rpart.decode_attention(q, list(Ks), list(Vs), num_threads=threads), 30)
+    for i in range(S):
+        c.drop(100 + i)
+    return rpc - kernel
 
 
 def calibrate(models=("opt-125m", "opt-1.3b"), batches=(1, 4, 8, 16, 32, 64), device=None, progress=True):
@@ -270,8 +280,9 @@ def calibrate(models=("opt-125m", "opt-1.3b"), batches=(1, 4, 8, 16, 32, 64), de
     return prof
 
 
-def load_profile(path=PROFILE):
+def load_profile(path=None):
     """The calibration profile, or None when this machine has not been calibrated."""
+    path = path or profile_path()
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -334,16 +345,72 @@ def plan(prof, cfg, prompt, gen, *, kv_mem_bytes, workers=1, pipelined=False, kv
     return {"max_batch": batch, "kv_cap": kv_cap, "tok_s": tput[batch]}
 
 
-# --- main ---
+# --- main: one function per subcommand ---
 
 
-def main(argv=None):
+def print_rows(res):
+    for k, v in res.items():
+        print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
+
+
+def cmd_calibrate(a):
+    prof = calibrate(a.models, device=a.device)
+    out = a.out or profile_path()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(prof, f, indent=1)
+    k, s, lo = prof["kernel"], prof["spart"], prof["loopback"]
+    print(f"memory read {prof['read_gbs']:.1f} GB/s; kernel fp16 {k['float16']:.1f} GB/s, fp32 {k['float32']:.1f} GB/s, "
+          f"{k['call_s'] * 1e6:.0f} us per call")
+    print(f"loopback: {lo['latency_s'] * 1e6:.0f} us round trip, {lo['gbs']:.2f} GB/s; a decode call costs "
+          f"{lo['rpc_call_s'] * 1e6:.0f} us + {lo['rpc_per_seq_s'] * 1e6:.1f} us/sequence beyond the kernel")
+    print(f"S-Part on {prof['device']} ({prof['dtype']}): {s['per_weight_s'] * 1e12:.1f} ps/weight + "
+          f"{s['per_weight_seq_s'] * 1e12:.1f} ps/weight/sequence + {s['per_layer_s'] * 1e6:.0f} us/layer")
+    for w, n, b, t in prof["spart_points"]:
+        fit = w * (s["per_weight_s"] + s["per_weight_seq_s"] * b) + n * s["per_layer_s"]
+        print(f"  {w / 1e6:7.0f}M weights, batch {b:>3}: measured {t * 1e3:7.1f} ms, fit {fit * 1e3:7.1f} ms")
+    print(f"profile written to {out}")
+    return prof
+
+
+def cmd_predict_host(a, cfg):
+    """fastdecode.py on this calibrated machine."""
+    prof = load_profile()
+    if prof is None:
+        raise ValueError(f"no profile at {profile_path()}: run `python perfmodel.py calibrate` first")
+    res = plan(prof, cfg, a.prompt_len, a.gen_len, kv_mem_bytes=kvcache.parse_size(a.kv_mem))
+    step, parts = host_step(prof, cfg, res["max_batch"], a.prompt_len + a.gen_len / 2)
+    res.update({"step_ms": step * 1e3, **{f"{k}_ms": v * 1e3 for k, v in parts.items()},
+                "kv_bytes_per_token": kv_bytes_per_token(cfg)})
+    print_rows(res)
+    return res
+
+
+def cmd_predict(a):
+    if a.model not in spart.KNOWN:
+        raise ValueError(f"--model {a.model!r}: not a known model ({', '.join(spart.KNOWN)})")
+    cfg = spart.KNOWN[a.model][1]
+    if a.host:
+        return cmd_predict_host(a, cfg)
+    run = lambda n: predict(cfg, GPUS[a.gpu], CPUS[a.cpu], n, LINKS[a.link], a.prompt_len, a.gen_len)
+    if not a.sweep:
+        res = run(a.cpu_nodes)
+        print_rows(res)
+        return res
+    rows = [(n, run(n)) for n in (1, 2, 4, 8, 16, 32)]
+    print(f"{'nodes':>5} {'batch':>6} {'FD tok/s':>9} {'GPU-only':>9} {'ratio':>6}  bottleneck")
+    for n, r in rows:
+        print(f"{n:>5} {r['batch_size']:>6} {r['fastdecode_tok_s']:>9.0f} {r['gpu_only_tok_s']:>9.0f} {r['ratio']:>6.2f}  {r['bottleneck']}")
+    return {"sweep": [{"cpu_nodes": n, **r} for n, r in rows]}
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FastDecode performance model")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("calibrate", help="measure this machine and write a profile")
     c.add_argument("--models", nargs="+", default=["opt-125m", "opt-1.3b"], help="models whose S-Part is timed")
     c.add_argument("--device", default=None, help="S-Part device (default: cuda if available, else cpu)")
-    c.add_argument("--out", default=PROFILE, help=f"profile path (default {PROFILE})")
+    c.add_argument("--out", default=None, help="profile path (default $FASTDECODE_PROFILE, else ~/.cache/fastdecode/profile.json)")
     c.add_argument("--json", action="store_true", help="end with the profile as one JSON object")
     q = sub.add_parser("predict", help="predict throughput for a configuration")
     q.add_argument("--model", default="llama-2-7b", help="a known model name")
@@ -355,58 +422,22 @@ def main(argv=None):
     q.add_argument("--gen-len", type=int, default=256, help="generated tokens")
     q.add_argument("--sweep", choices=["cpu-nodes"], help="print throughput against the number of CPU nodes")
     q.add_argument("--host", action="store_true", help="predict fastdecode.py on this calibrated machine instead")
-    q.add_argument("--kv-mem", default="8GiB", help="with --host: KV memory per worker")
+    q.add_argument("--kv-mem", default=kvcache.DEFAULT_KV_MEM, help="with --host: KV memory per worker")
     q.add_argument("--json", action="store_true", help="end with one JSON object")
-    a = p.parse_args(argv)
-    if a.cmd == "calibrate":
-        prof = calibrate(a.models, device=a.device)
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(prof, f, indent=1)
-        k, s = prof["kernel"], prof["spart"]
-        print(f"memory read {prof['read_gbs']:.1f} GB/s; kernel fp16 {k['float16']:.1f} GB/s, fp32 {k['float32']:.1f} GB/s, "
-              f"{k['call_s'] * 1e6:.0f} us per call")
-        lo = prof["loopback"]
-        print(f"loopback: {lo['latency_s'] * 1e6:.0f} us round trip, {lo['gbs']:.2f} GB/s; a decode call costs "
-              f"{lo['rpc_call_s'] * 1e6:.0f} us + {lo['rpc_per_seq_s'] * 1e6:.1f} us/sequence beyond the kernel")
-        print(f"S-Part on {prof['device']} ({prof['dtype']}): {s['per_weight_s'] * 1e12:.1f} ps/weight + "
-              f"{s['per_weight_seq_s'] * 1e12:.1f} ps/weight/sequence + {s['per_layer_s'] * 1e6:.0f} us/layer")
-        for w, n, b, t in prof["spart_points"]:
-            fit = w * (s["per_weight_s"] + s["per_weight_seq_s"] * b) + n * s["per_layer_s"]
-            print(f"  {w / 1e6:7.0f}M weights, batch {b:>3}: measured {t * 1e3:7.1f} ms, fit {fit * 1e3:7.1f} ms")
-        print(f"profile written to {a.out}")
-        if a.json:
-            print(json.dumps(prof))
-        return
-    cfg = spart.KNOWN[a.model][1]
-    if a.host:
-        import kvcache
-        prof = load_profile()
-        if prof is None:
-            raise SystemExit(f"no profile at {PROFILE}: run `python perfmodel.py calibrate` first")
-        res = plan(prof, cfg, a.prompt_len, a.gen_len, kv_mem_bytes=kvcache.parse_size(a.kv_mem))
-        step, parts = host_step(prof, cfg, res["max_batch"], a.prompt_len + a.gen_len / 2)
-        res.update({"step_ms": step * 1e3, **{f"{k}_ms": v * 1e3 for k, v in parts.items()},
-                    "kv_bytes_per_token": kv_bytes_per_token(cfg)})
-        for k, v in res.items():
-            print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
-        if a.json:
-            print(json.dumps(res))
-        return
-    run = lambda n: predict(cfg, GPUS[a.gpu], CPUS[a.cpu], n, LINKS[a.link], a.prompt_len, a.gen_len)
-    if a.sweep:
-        rows = [(n, run(n)) for n in (1, 2, 4, 8, 16, 32)]
-        print(f"{'nodes':>5} {'batch':>6} {'FD tok/s':>9} {'GPU-only':>9} {'ratio':>6}  bottleneck")
-        for n, r in rows:
-            print(f"{n:>5} {r['batch_size']:>6} {r['fastdecode_tok_s']:>9.0f} {r['gpu_only_tok_s']:>9.0f} {r['ratio']:>6.2f}  {r['bottleneck']}")
-        res = {"sweep": [{"cpu_nodes": n, **r} for n, r in rows]}
-    else:
-        res = run(a.cpu_nodes)
-        for k, v in res.items():
-            print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        res = {"calibrate": cmd_calibrate, "predict": cmd_predict}[a.cmd](a)
+    except (ValueError, OSError, backend.WorkerStartError) as e:  # bad input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.json:
         print(json.dumps(res))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -49,7 +49,7 @@ def reference_logits(sp, tokens, prompt_len, kv_dtype="float32"):
             h = sp.embed(torch.tensor([tokens[pos]]), p)
             for layer in range(c.n_layers):
                 q, k, v = sp.pre_attn(layer, h, p)
-                o = kvcache.attend_step(cache, layer, [0], [pos], q.numpy(), k.numpy().astype(kv_dtype),
+                o = rpart.attend_step(cache, layer, [0], [pos], q.numpy(), k.numpy().astype(kv_dtype),
                                       v.numpy().astype(kv_dtype))
                 h = sp.post_attn(layer, h, torch.from_numpy(o))
             rows.append(sp.lm_head(h)[0])
