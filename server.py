@@ -434,12 +434,12 @@ def parse_args(argv=None):
     a("--device", default=None, help="S-Part device (default: cuda if available, else cpu)")
     a("--dtype", default=None, help="S-Part dtype (default: fp16/bf16 on CUDA, float32 on CPU)")
     a("--kv-dtype", default="float16", choices=["float16", "float32"], help="KV-cache element type")
-    a("--kv-mem", default="8GiB", help="KV memory budget per worker")
+    a("--kv-mem", default=None, help="KV memory budget per worker (default: the engine's)")
     a("--worker-threads", type=int, default=None, help="attention threads per local worker")
     a("--pipeline", dest="pipeline", action="store_true", default=None, help="two micro-batches")
     a("--no-pipeline", dest="pipeline", action="store_false", help="run one batch serially")
     a("--schedule", default="stabilized", choices=["stabilized", "naive"], help="admission policy")
-    a("--max-batch", type=int, default=32, help="most sequences running at once")
+    a("--max-batch", type=int, default=None, help="most sequences running at once (default: the engine's)")
     a("--kv-cap", type=int, default=0, help="cap on the running batch's KV tokens (0: none)")
     a("--log-level", default="info", help="uvicorn's log level")
     args = p.parse_args(argv)
@@ -456,9 +456,10 @@ def main(argv=None):
     import fastdecode
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     secret = open(args.secret_file, "rb").read().strip() if args.secret_file else None
+    kv_mem = {"kv_mem": args.kv_mem} if args.kv_mem else {}
     with fastdecode.LLM(args.model, workers=args.workers, device=args.device, dtype=args.dtype,
                         worker_hosts=args.worker_hosts.split(",") if args.worker_hosts else None,
-                        kv_dtype=args.kv_dtype, kv_mem=args.kv_mem, pipeline=args.pipeline,
+                        kv_dtype=args.kv_dtype, pipeline=args.pipeline, **kv_mem,
                         worker_threads=fastdecode.default_threads(args, device), schedule=args.schedule,
                         max_batch=args.max_batch, kv_cap=args.kv_cap, secret=secret, quiet=True) as llm:
         metrics = Metrics()

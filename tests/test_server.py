@@ -43,7 +43,7 @@ class ServerProcess:
     def __init__(self, model, *extra, timeout=180):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, os.environ.get("FD_DEV_SERVER", os.path.join(ROOT, "server.py")), "--model", model, "--port", str(self.port),
+        cmd = [sys.executable, os.path.join(ROOT, "server.py"), "--model", model, "--port", str(self.port),
                "--log-level", "warning", *extra]
         self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fd-server-{self.port}.log"), "w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
