@@ -44,7 +44,7 @@ class Metrics:
     Named like vLLM's, with `fastdecode:` for `vllm:`; plus the R-Part load per step."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
         r = self.registry = CollectorRegistry()
         lat = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
         self.running = Gauge("fastdecode:num_requests_running", "Requests in the running batch", registry=r)
@@ -54,7 +54,7 @@ class Metrics:
         self.kv_tokens = Gauge("fastdecode:kv_tokens", "Total KV tokens of the running batch at the last step "
                                "(the R-Part load)", registry=r)
         self.step_kv = Histogram("fastdecode:step_kv_tokens", "Total KV tokens of the running batch, per decode step",
-                                 buckets=[2 ** i for i in range(4, 22)], registry=r)
+                                 buckets=[round(2 ** (i / 2)) for i in range(8, 44)], registry=r)
         self.ttft = Histogram("fastdecode:time_to_first_token_seconds", "Arrival to first token", buckets=lat, registry=r)
         self.itl = Histogram("fastdecode:inter_token_latency_seconds", "Time between a request's tokens",
                              buckets=lat, registry=r)
@@ -62,6 +62,13 @@ class Metrics:
         self.prompt_tokens = Counter("fastdecode:prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("fastdecode:generation_tokens", "Tokens generated", registry=r)
         self.success = Counter("fastdecode:request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.engine = Info("fastdecode:engine", "How the engine runs (a benchmark reads which schedule it measured)",
+                           registry=r)
+
+    def describe(self, llm):
+        self.engine.info({"schedule": llm.sched_cfg.policy, "max_batch": str(llm.sched_cfg.max_batch),
+                          "kv_cap": str(llm.sched_cfg.kv_cap), "pipeline": str(llm.pipeline),
+                          "workers": str(len(llm.backend.kv_usage())), "device": str(llm.spart.device)})
 
     def engine_state(self, m, stepped):
         """m: the engine's metrics() after a step (stepped) or while idle."""
@@ -389,7 +396,7 @@ def build_app(s):
     @app.get("/v1/models")
     async def models():
         card = {"id": s.model_name, "object": "model", "created": 0, "owned_by": "fastdecode",
-                "max_model_len": s.llm.spart.cfg.max_pos}
+                "max_model_len": s.llm.spart.cfg.max_pos, "vocab_size": s.llm.spart.cfg.vocab_size}
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -463,6 +470,7 @@ def main(argv=None):
                         worker_threads=fastdecode.default_threads(args, device), schedule=args.schedule,
                         max_batch=args.max_batch, kv_cap=args.kv_cap, secret=secret, quiet=True) as llm:
         metrics = Metrics()
+        metrics.describe(llm)
         s = Serving(llm, EngineLoop(llm, metrics), metrics, args.served_model_name or args.model,
                     protocol.ChatTemplate.load(llm.spart.source), args.api_key, args.max_body_bytes,
                     args.chat_max_tokens)
