@@ -14,9 +14,11 @@ all: attn_cpu.so
 attn_cpu.so: attn_cpu.c
 	$(CC) $(CFLAGS_FAST) -o $@ $< -lm || $(CC) $(CFLAGS_PORTABLE) -o $@ $< -lm
 
-# debug build: no optimization, AddressSanitizer (run with LD_PRELOAD=$$(gcc -print-file-name=libasan.so))
+# debug build beside the fast one (never in its place): no optimization, AddressSanitizer; then the kernel tests on it
 debug: attn_cpu.c
-	$(CC) -g -O0 -fsanitize=address -fno-omit-frame-pointer -fopenmp -fPIC -shared $(WARN) -o attn_cpu.so $< -lm
+	$(CC) -g -O0 -fsanitize=address -fno-omit-frame-pointer -fopenmp -fPIC -shared $(WARN) -o attn_cpu_debug.so $< -lm
+	FASTDECODE_KERNEL=$(CURDIR)/attn_cpu_debug.so LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+		$(PYTHON) -m pytest -q tests/test_kernel.py
 
 # install the pinned requirements into the current Python (torch 2.13.0: the CPU wheel here)
 install:
@@ -30,10 +32,14 @@ test: install all
 run: install all
 	$(PYTHON) fastdecode.py --model opt-1.3b
 
-# side-by-side benchmarks (kernel, rpc, e2e, model)
+# side-by-side benchmarks: kernel and rpc (quick), engine vs transformers, then the perf model vs measured
 bench: install all
-	$(PYTHON) bench.py kernel
+	$(PYTHON) bench.py kernel --quick
+	$(PYTHON) bench.py rpc --quick
+	$(PYTHON) bench.py e2e
+	$(PYTHON) perfmodel.py calibrate
+	$(PYTHON) bench.py model
 
 # remove build outputs
 clean:
-	rm -f attn_cpu.so
+	rm -f attn_cpu.so attn_cpu_debug.so

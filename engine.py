@@ -138,6 +138,8 @@ class LLM:
         code and changes nothing: a server may call it from any thread."""
         c = self.spart.cfg
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty: it needs at least one token")
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer on disk: pass prompts as lists of token ids")
             ids = self.tokenizer.encode(prompt).ids

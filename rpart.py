@@ -52,16 +52,20 @@ def _build():
 
 
 def load_kernel():
-    """The ctypes library, built first when missing or older than attn_cpu.c."""
+    """The ctypes library, built first when missing or older than attn_cpu.c. $FASTDECODE_KERNEL
+    names another build to load as it is (`make debug` makes attn_cpu_debug.so)."""
     global _lib
     with _lib_lock:
         if _lib is not None:
             return _lib
-        stale = (not os.path.exists(LIB_PATH) or
-                 (os.path.exists(SRC_PATH) and os.path.getmtime(SRC_PATH) > os.path.getmtime(LIB_PATH)))
-        if stale:
-            _build()
-        lib = ctypes.CDLL(LIB_PATH)
+        path = os.environ.get("FASTDECODE_KERNEL")
+        if not path:
+            path = LIB_PATH
+            stale = (not os.path.exists(LIB_PATH) or
+                     (os.path.exists(SRC_PATH) and os.path.getmtime(SRC_PATH) > os.path.getmtime(LIB_PATH)))
+            if stale:
+                _build()
+        lib = ctypes.CDLL(path)
         P = ctypes.c_void_p
         I = ctypes.c_int
         lib.fd_decode_attention.argtypes = [P, P, P, P, I, I, I, I, I, ctypes.c_float, I, P]

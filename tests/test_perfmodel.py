@@ -93,7 +93,8 @@ def test_calibrate_writes_a_profile_that_fastdecode_uses(checkpoint, tmp_path):
     import subprocess
     import sys
     d, _ = checkpoint("opt-preln")
-    prof = pm.calibrate([d], batches=(1, 4), progress=False)
+    import calibrate
+    prof = calibrate.calibrate([d], batches=(1, 4), progress=False)
     for key in ("read_gbs", "kernel", "loopback", "spart", "device"):
         assert key in prof
     assert prof["read_gbs"] > 0.1 and prof["kernel"]["float16"] > 0.1 and prof["loopback"]["gbs"] > 0.01
