@@ -12,7 +12,9 @@ One engine thread runs `step()` in a loop and owns the engine: add_request, abor
 not thread-safe, so only it calls them. The handlers never run model code and never wait on the
 engine; they validate, hand the request over through a thread-safe queue, and await their own
 asyncio queue, which the engine thread feeds with `loop.call_soon_threadsafe`. A client that
-disconnects aborts its request, which frees its KV on the worker at the next step.
+disconnects aborts its request, which frees its KV on the worker at the next step. The engine
+thread and the metrics it feeds are in serving.py; the wire format (request models, response
+bodies, chat templates) in protocol.py.
 
     python server.py --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     curl -N localhost:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -26,202 +28,12 @@ import asyncio
 import dataclasses
 import hmac
 import ipaddress
-import queue
-import threading
-import time
-import uuid
 
 from pydantic import ValidationError
 
 import protocol
 from protocol import APIError
-
-# --- metrics ---
-
-
-class Metrics:
-    """Prometheus metrics in a registry of their own (two apps in one process do not collide).
-    Named like vLLM's, with `fastdecode:` for `vllm:`; plus the R-Part load per step."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-        r = self.registry = CollectorRegistry()
-        lat = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-        self.running = Gauge("fastdecode:num_requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("fastdecode:num_requests_waiting", "Requests queued for admission", registry=r)
-        self.kv_usage = Gauge("fastdecode:kv_cache_usage_perc", "Fraction of a worker's KV memory reserved (0-1)",
-                              ["worker"], registry=r)
-        self.kv_tokens = Gauge("fastdecode:kv_tokens", "Total KV tokens of the running batch at the last step "
-                               "(the R-Part load)", registry=r)
-        self.step_kv = Histogram("fastdecode:step_kv_tokens", "Total KV tokens of the running batch, per decode step",
-                                 buckets=[round(2 ** (i / 2)) for i in range(8, 44)], registry=r)
-        self.ttft = Histogram("fastdecode:time_to_first_token_seconds", "Arrival to first token", buckets=lat, registry=r)
-        self.itl = Histogram("fastdecode:inter_token_latency_seconds", "Time between a request's tokens",
-                             buckets=lat, registry=r)
-        self.e2e = Histogram("fastdecode:e2e_request_latency_seconds", "Arrival to last token", buckets=lat, registry=r)
-        self.prompt_tokens = Counter("fastdecode:prompt_tokens", "Prompt tokens of admitted requests", registry=r)
-        self.generation_tokens = Counter("fastdecode:generation_tokens", "Tokens generated", registry=r)
-        self.success = Counter("fastdecode:request_success", "Finished requests", ["finished_reason"], registry=r)
-        self.engine = Info("fastdecode:engine", "How the engine runs (a benchmark reads which schedule it measured)",
-                           registry=r)
-
-    def describe(self, llm):
-        self.engine.info({"schedule": llm.sched_cfg.policy, "max_batch": str(llm.sched_cfg.max_batch),
-                          "kv_cap": str(llm.sched_cfg.kv_cap), "pipeline": str(llm.pipeline),
-                          "workers": str(len(llm.backend.kv_usage())), "device": str(llm.spart.device)})
-
-    def engine_state(self, m, stepped):
-        """m: the engine's metrics() after a step (stepped) or while idle."""
-        self.running.set(m["running"])
-        self.waiting.set(m["waiting"])
-        for w, frac in enumerate(m["kv_usage"]):
-            self.kv_usage.labels(worker=str(w)).set(frac)
-        self.kv_tokens.set(m["kv_tokens"] if m["running"] else 0)
-        if stepped and m["running"]:
-            self.step_kv.observe(m["kv_tokens"])
-
-    def exposition(self):
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-# --- the engine thread ---
-
-
-@dataclasses.dataclass
-class Tracked:
-    """The engine thread's record of one live request."""
-    deliver: object              # callable(RequestOutput | Exception), safe to call from any thread
-    arrival: float               # time.monotonic() when the handler handed it over
-    last: float = 0.0            # when its previous output came (0: none yet)
-
-
-class EngineLoop:
-    """Owns the engine. Handlers call `submit` and `abort` (thread-safe: they only enqueue);
-    the thread applies them between steps and delivers each step's outputs."""
-
-    IDLE_WAIT_S = 0.5            # how long an idle engine blocks on its inbox before rechecking
-
-    def __init__(self, llm, metrics):
-        self.llm, self.metrics = llm, metrics
-        self.inbox = queue.Queue()
-        self.stopping = threading.Event()
-        self.error = None        # the exception that stopped the loop, if one did: /health says so
-        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def stop(self):
-        self.stopping.set()
-        self.inbox.put(None)     # wakes an idle wait
-        self.thread.join()
-
-    def submit(self, request_id, token_ids, params, deliver):
-        self.inbox.put(("add", request_id, token_ids, params, deliver, time.monotonic()))
-
-    def abort(self, request_id):
-        self.inbox.put(("abort", request_id))
-
-    def _run(self):
-        live = {}                # request id -> Tracked
-        try:
-            while not self.stopping.is_set():
-                self._apply_inbox(live, block=not self.llm.has_unfinished())
-                stepped = self.llm.has_unfinished()
-                if stepped:
-                    self._deliver(live, self.llm.step(), time.monotonic())
-                self.metrics.engine_state(self.llm.metrics(), stepped)
-        except Exception as e:   # the engine is broken: fail every live request, report unhealthy
-            self.error = e
-            for t in live.values():
-                t.deliver(e)
-
-    def _apply_inbox(self, live, block):
-        try:
-            cmd = self.inbox.get(timeout=self.IDLE_WAIT_S) if block else self.inbox.get_nowait()
-            while True:
-                if cmd is not None:
-                    self._apply(live, cmd)
-                cmd = self.inbox.get_nowait()
-        except queue.Empty:
-            pass
-
-    def _apply(self, live, cmd):
-        if cmd[0] == "abort":
-            if cmd[1] in live:   # else it finished already: nothing to free
-                self.llm.abort(cmd[1])
-            return
-        _, rid, token_ids, params, deliver, arrival = cmd
-        try:
-            self.llm.add_request(token_ids, params, request_id=rid)
-        except ValueError as e:  # checked by the handler already; the engine has the last word
-            deliver(APIError(str(e), param="prompt"))
-            return
-        live[rid] = Tracked(deliver, arrival)
-
-    def _deliver(self, live, outputs, now):
-        m = self.metrics
-        for out in outputs:
-            t = live.get(out.request_id)
-            if t is None:
-                continue
-            n = len(out.new_token_ids)
-            if n:
-                if t.last == 0.0:
-                    m.ttft.observe(now - t.arrival)
-                    m.prompt_tokens.inc(out.prompt_tokens)
-                else:    # a step that produced n tokens spreads its gap over them
-                    for _ in range(n):
-                        m.itl.observe((now - t.last) / n)
-                t.last = now
-                m.generation_tokens.inc(n)
-            if out.finished:
-                del live[out.request_id]
-                m.success.labels(finished_reason=out.finish_reason).inc()
-                if out.finish_reason != "abort":
-                    m.e2e.observe(now - t.arrival)
-            t.deliver(out)
-
-
-# --- one HTTP request's view of its engine requests ---
-
-
-class Flight:
-    """The engine requests of one HTTP request (one per prompt), and the asyncio queue their
-    outputs arrive on. Iterate it for (choice index, RequestOutput); `abort_unfinished` on any
-    exit, so a client that goes away frees its KV."""
-
-    def __init__(self, engine, prompts_ids, params):
-        self.engine, self.loop, self.queue = engine, asyncio.get_running_loop(), asyncio.Queue()
-        self.index = {f"req-{uuid.uuid4().hex}": i for i in range(len(prompts_ids))}
-        self.unfinished = set(self.index)
-        for rid, ids in zip(self.index, prompts_ids):
-            engine.submit(rid, ids, params, self._deliver)
-
-    def _deliver(self, item):
-        """Called on the engine thread: hop onto the event loop's thread."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:     # the loop is closed: the server is shutting down
-            pass
-
-    async def __aiter__(self):
-        while self.unfinished:
-            item = await self.queue.get()
-            if isinstance(item, APIError):
-                raise item
-            if isinstance(item, Exception):
-                raise APIError(f"engine failed: {type(item).__name__}: {item}", 500, "server_error")
-            if item.finished:
-                self.unfinished.discard(item.request_id)
-            yield self.index[item.request_id], item
-
-    def abort_unfinished(self):
-        for rid in self.unfinished:
-            self.engine.abort(rid)
-        self.unfinished.clear()
-
+from serving import EngineLoop, Flight, Metrics
 
 # --- turning requests into engine requests ---
 
@@ -347,14 +159,31 @@ async def respond(request, s, prompts_ids, params, req, chat):
 # --- the app ---
 
 
+def install_errors_and_auth(app, api_key):
+    """Every error as OpenAI's body (ours, FastAPI's 404/405/422 too), and the bearer key on /v1/*."""
+    from fastapi.exceptions import RequestValidationError, StarletteHTTPException
+    from fastapi.responses import JSONResponse
+    error = lambda e: JSONResponse(e.body(), status_code=e.status)
+    app.add_exception_handler(APIError, lambda r, e: error(e))
+    app.add_exception_handler(StarletteHTTPException, lambda r, e: error(APIError(str(e.detail), e.status_code)))
+    app.add_exception_handler(RequestValidationError, lambda r, e: error(APIError(str(e.errors()[0]["msg"]))))
+
+    @app.middleware("http")
+    async def bearer(request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error(APIError("missing or wrong API key (Authorization: Bearer KEY)", 401,
+                                      code="invalid_api_key"))
+        return await call_next(request)
+
+
 def build_app(s):
     """The FastAPI app over a Serving; its lifespan runs the engine thread."""
     import contextlib
 
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from starlette.exceptions import HTTPException
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -364,19 +193,7 @@ def build_app(s):
 
     app = FastAPI(title="FastDecode", lifespan=lifespan)
     app.state.serving = s
-    error = lambda e: JSONResponse(e.body(), status_code=e.status)
-    app.add_exception_handler(APIError, lambda r, e: error(e))
-    app.add_exception_handler(HTTPException, lambda r, e: error(APIError(str(e.detail), e.status_code)))
-    app.add_exception_handler(RequestValidationError, lambda r, e: error(APIError(str(e.errors()[0]["msg"]))))
-
-    @app.middleware("http")
-    async def bearer(request, call_next):
-        if s.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {s.api_key}".encode()):
-                return error(APIError("missing or wrong API key (Authorization: Bearer KEY)", 401,
-                                      code="invalid_api_key"))
-        return await call_next(request)
+    install_errors_and_auth(app, s.api_key)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -326,3 +326,20 @@ def test_stop_string(smol):
     assert " 8" in full, full
     r = c.completions.create(model="smollm2", prompt=prompt, max_tokens=20, temperature=0, stop=[" 8"])
     assert r.choices[0].text == full[:full.index(" 8")] and r.choices[0].finish_reason == "stop"
+
+
+def test_bench_serve_against_the_server(tiny, capsys):
+    """bench.py serve drives the tiny server: every request completes, and the per-step KV it
+    reports comes from the server's metrics."""
+    import json
+
+    import bench
+    srv, _ = tiny
+    bench.main(["serve", "--url", srv.url, "--api-key", KEY, "--num-prompts", "6", "--request-rate", "20",
+                "--input-len", "12", "--output-len", "6", "--json"])
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (rep["completed"], rep["failed"]) == (6, 0)
+    kv = rep["step_kv_tokens"]     # each request holds 6-12 prompt + 3-6 generated tokens
+    assert kv["steps"] >= 5 and 6 <= kv["mean"] <= 6 * (12 + 6)
+    assert 'schedule="stabilized"' in rep["step_kv_tokens"]["engine"]
+    assert rep["ttft"]["p50_ms"] > 0 and rep["output_tok_s"] > 0
