@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -45,7 +46,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, os.path.join(ROOT, "server.py"), "--model", model, "--port", str(self.port),
                "--log-level", "warning", *extra]
-        self.log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fd-server-{self.port}.log"), "w+")
+        self.log = tempfile.TemporaryFile("w+")   # the server's output, for failure messages; gone at close
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
