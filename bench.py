@@ -8,6 +8,7 @@ of the physical limit (GB/s of KV read over the memory read bandwidth measured h
     python bench.py e2e                         # the engine vs transformers generate()
     python bench.py model                       # the performance model vs measured throughput
     python bench.py trace FILE                  # text picture of one step of a --trace file
+    python bench.py serve --request-rate 4      # a running server.py under Poisson arrivals
 """
 import argparse
 import dataclasses
@@ -21,6 +22,7 @@ import numpy as np
 import backend
 
 backend.short_openmp_spin()  # as the engine runs (before torch loads libgomp): see there
+import bench_serve  # noqa: E402
 import rpart  # noqa: E402
 from perfmodel import best_time  # noqa: E402  (imports torch)
 
@@ -376,8 +378,10 @@ def main(argv=None):
     t.add_argument("--step", type=int, default=3, help="decode step to draw")
     t.add_argument("--layers", type=int, default=3, help="draw layers 0..N-1 of it")
     t.add_argument("--width", type=int, default=96, help="columns")
+    bench_serve.add_parser(sub)
     args = p.parse_args(argv)
-    {"kernel": bench_kernel, "rpc": bench_rpc, "e2e": bench_e2e, "model": bench_model, "trace": bench_trace}[args.what](args)
+    {"kernel": bench_kernel, "rpc": bench_rpc, "e2e": bench_e2e, "model": bench_model, "trace": bench_trace,
+     "serve": bench_serve.bench_serve}[args.what](args)
 
 
 if __name__ == "__main__":
