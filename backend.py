@@ -63,7 +63,7 @@ class WorkerLost(Exception):
 class Pending:
     """One micro-batch's attention in flight, as submit() returns it for collect()."""
     shape: tuple                # (S, Hq, D) of o
-    parts: list                 # [(worker, idx int64 [S_w])]: which rows each worker answers
+    parts: list                 # [(worker, rows)]: rows (an index array [S_w], or all) each worker answers
     o: np.ndarray = None        # [S, Hq, D] float32, already computed (LocalBackend)
 
     @property
@@ -212,26 +212,29 @@ class RemoteBackend:
         by_worker = {}
         for i, s in enumerate(seqs):
             by_worker.setdefault(self.where[s], []).append(i)
+        if len(by_worker) == 1:  # one worker holds them all: send the arrays as they are, no gather
+            by_worker = {w: None for w in by_worker}
         parts = []
         for w, idx in by_worker.items():
-            idx = np.asarray(idx)
+            sel = slice(None) if idx is None else np.asarray(idx)
             try:
-                self.clients[w].send_decode(layer, [seqs[i] for i in idx], [positions[i] for i in idx],
-                                            q[idx], k[idx], v[idx])
+                self.clients[w].send_decode(layer, seqs if idx is None else [seqs[i] for i in idx],
+                                            positions if idx is None else [positions[i] for i in idx],
+                                            q[sel], k[sel], v[sel])
             except NETWORK_ERRORS as e:
                 raise self._lost(w, e) from e
-            parts.append((w, idx))
+            parts.append((w, sel))
         return Pending(q.shape, parts)
 
     def collect(self, pending):
         """Wait for every worker's part of o -> o [S, Hq, D] float32 in the order submitted."""
         out = np.empty(pending.shape, dtype=np.float32)
-        for w, idx in pending.parts:
+        for w, sel in pending.parts:
             try:
-                o, secs = self.clients[w].recv_out((len(idx),) + pending.shape[1:])
+                o, secs = self.clients[w].recv_out(out[sel].shape)
             except NETWORK_ERRORS as e:
                 raise self._lost(w, e) from e
-            out[idx] = o
+            out[sel] = o  # a copy: o is a view of the connection's receive buffer
             self.r_busy += secs
         return out
 

@@ -85,6 +85,14 @@ def kernel_info():  # {'simd': 'avx512' | 'avx2+f16c' | 'scalar', 'max_threads':
 # --- decode attention ---
 
 _KERNEL_ERRORS = {-1: "bad dimensions", -2: "bad sequence length or pointer", -3: "out of memory"}
+# Below this much KV a call runs on one thread: waking a sleeping OpenMP thread costs 10-50 us,
+# more than reading 256 KiB takes one core (~8 us at 30 GB/s). Decode at batch 1 lives here.
+SMALL_CALL_BYTES = 256 * 2**10
+
+
+def _ptr(a):
+    """The address of an array's data (2x cheaper than a.ctypes.data, which builds an object)."""
+    return a.__array_interface__["data"][0]
 
 
 def _check_kv(name, arrays, S, D):
@@ -139,9 +147,10 @@ def decode_attention(q, keys, values, *, scale=None, num_threads=None, out=None)
     elif out.shape != (S, Hq, D) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out: expected C-contiguous float32 {(S, Hq, D)}, got {out.dtype} {out.shape}")
     lib = load_kernel()
-    rc = lib.fd_decode_attention(q.ctypes.data, kp.ctypes.data, vp.ctypes.data, klen.ctypes.data,
-                                 S, Hq, hkv, D, int(kdt == np.float16), float(scale),
-                                 int(num_threads or 0), out.ctypes.data)
+    if 2 * int(klen.sum()) * hkv * D * kdt.itemsize < SMALL_CALL_BYTES:
+        num_threads = 1
+    rc = lib.fd_decode_attention(_ptr(q), _ptr(kp), _ptr(vp), _ptr(klen), S, Hq, hkv, D, int(kdt == np.float16),
+                                 float(scale), int(num_threads or 0), _ptr(out))
     if rc != 0:
         raise RuntimeError(f"fd_decode_attention: {_KERNEL_ERRORS.get(rc, rc)}")
     return out

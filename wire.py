@@ -73,12 +73,20 @@ def recv_exact(sock, view):
 
 
 def send_frame(sock, mtype, meta=(), payload=()):
-    """payload: a sequence of bytes-like objects (numpy arrays are sent without a copy)."""
+    """payload: a sequence of bytes-like objects (numpy arrays are sent without a copy). One
+    sendmsg for the whole frame where the socket takes it at once (one system call, not one per
+    part); the rest, if any, with sendall."""
     m = META[mtype].pack(*meta)
     bufs = [memoryview(p).cast("B") for p in payload]
-    sock.sendall(HEADER.pack(MAGIC, VERSION, mtype, 0, len(m), sum(len(b) for b in bufs)) + m)
-    for b in bufs:
-        sock.sendall(b)
+    total = sum(len(b) for b in bufs)
+    parts = [HEADER.pack(MAGIC, VERSION, mtype, 0, len(m), total) + m, *bufs]
+    sent = sock.sendmsg(parts)
+    for part in parts:
+        if sent >= len(part):
+            sent -= len(part)
+            continue
+        sock.sendall(part[sent:])
+        sent = 0
 
 
 class FrameReader:
@@ -86,11 +94,12 @@ class FrameReader:
 
     def __init__(self, sock, max_frame=DEFAULT_MAX_FRAME):
         self.sock, self.max_frame = sock, max_frame
-        self.head = bytearray(HEADER.size + MAX_META)
+        self.head = bytearray(HEADER.size)
         self.buf = np.empty(1 << 20, dtype=np.uint8)
 
     def read(self):
-        """-> (type, meta tuple, payload memoryview valid until the next read)."""
+        """-> (type, meta tuple, payload memoryview valid until the next read). The meta and the
+        payload arrive in one receive into the buffer (two system calls a frame, not three)."""
         hv = memoryview(self.head)
         recv_exact(self.sock, hv[:HEADER.size])
         magic, ver, mtype, _, mlen, plen = HEADER.unpack_from(self.head)
@@ -100,13 +109,12 @@ class FrameReader:
             raise ProtocolError(f"unknown message type {mtype} or meta length {mlen}")
         if plen > self.max_frame:
             raise ProtocolError(f"payload of {plen} bytes exceeds the {self.max_frame}-byte frame cap")
-        recv_exact(self.sock, hv[HEADER.size:HEADER.size + mlen])
-        meta = META[mtype].unpack_from(self.head, HEADER.size)
-        if plen > self.buf.nbytes:
-            self.buf = np.empty(max(plen, 2 * self.buf.nbytes), dtype=np.uint8)
-        payload = memoryview(self.buf)[:plen]
-        recv_exact(self.sock, payload)
-        return mtype, meta, payload
+        if mlen + plen > self.buf.nbytes:
+            self.buf = np.empty(max(mlen + plen, 2 * self.buf.nbytes), dtype=np.uint8)
+        body = memoryview(self.buf)[:mlen + plen]
+        recv_exact(self.sock, body)
+        # the payload starts at offset mlen: arrays over it may be unaligned, which NumPy allows
+        return mtype, META[mtype].unpack_from(body[:mlen]), body[mlen:]
 
 
 def split_payload(payload, parts):
