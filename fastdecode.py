@@ -57,6 +57,23 @@ def predicted_decode_tok_s(llm, prof):
     return sum(st.batch_per_step) / secs
 
 
+def step_breakdown(llm, prof):
+    """Milliseconds per decode step: S-Part work, waiting for the R-Part (its kernel, and the
+    rest: the round trip), and what is left (sampling, bookkeeping). The S-Part's fixed cost per
+    layer (Python and dispatch) is the calibrated one, when a profile exists."""
+    st = llm.stats
+    n = max(1, len(st.step_ms))
+    kernel = llm.backend.r_busy / max(1, len(llm.backend.free_bytes()))
+    s_part, r_wait = st.s_busy, st.r_wait
+    if isinstance(llm.backend, backend.LocalBackend):  # attention ran inside submit, in the S-Part's spans
+        s_part, r_wait = s_part - kernel, kernel
+    out = {"s_part": s_part, "r_wait": r_wait, "kernel": kernel, "other": st.decode_wall - st.s_busy - st.r_wait}
+    out = {k: 1e3 * v / n for k, v in out.items()}
+    if prof is not None:
+        out["s_fixed"] = 1e3 * prof["spart"]["per_layer_s"] * llm.spart.cfg.n_layers
+    return out
+
+
 def report(llm, outs, wall, args, prof=None):
     st, n_workers = llm.stats, len(llm.backend.free_bytes())
     gen = sum(len(o.token_ids) for o in outs)
@@ -64,22 +81,35 @@ def report(llm, outs, wall, args, prof=None):
     r_busy = llm.backend.r_busy / max(1, n_workers)   # average per worker: they run in parallel
     rep = {
         "model": args.model, "requests": len(outs), "generated_tokens": gen, "workers": n_workers,
-        "pipeline": llm.pipeline, "schedule": llm.sched_cfg.policy,
-        "decode_tok_s": st.decode_tokens / max(1e-9, st.decode_wall), "total_tok_s": gen / max(1e-9, wall),
+        "pipeline": llm.pipeline, "schedule": llm.sched_cfg.policy, "dtype": str(llm.spart.dtype).replace("torch.", ""),
+        "kv_dtype": llm.kv_cfg.dtype, "decode_tok_s": st.decode_tokens / max(1e-9, st.decode_wall),
+        "prefill_tok_s": st.prefill_tokens / max(1e-9, st.prefill_wall), "total_tok_s": gen / max(1e-9, wall),
         "wall_s": wall, "prefill_s": st.prefill_wall, "decode_s": st.decode_wall,
         "step_ms_p50": float(np.percentile(steps, 50)), "step_ms_p99": float(np.percentile(steps, 99)),
-        "s_busy_s": st.s_busy, "r_busy_s": r_busy,
+        "step_ms_breakdown": step_breakdown(llm, prof), "s_busy_s": st.s_busy, "r_busy_s": r_busy,
         "overlap_efficiency": max(st.s_busy, r_busy) / max(1e-9, st.decode_wall),
         "kv_tokens_peak_per_worker": {str(k): v for k, v in sorted(st.kv_peak.items())},
         "predicted_decode_tok_s": predicted_decode_tok_s(llm, prof),
         "tokens_sha256": hashlib.sha256(np.array([t for o in outs for t in o.token_ids], np.int64).tobytes()).hexdigest(),
     }
-    print(f"\n{args.model}: {len(outs)} requests, {gen} tokens in {wall:.1f} s "
-          f"({n_workers} worker(s), {'pipelined' if llm.pipeline else 'serial'}, {llm.sched_cfg.policy})")
-    print(f"  throughput   decode {rep['decode_tok_s']:.1f} tok/s, total {rep['total_tok_s']:.1f} tok/s")
+    print_report(llm, rep)
+    return rep
+
+
+def print_report(llm, rep):
+    st, b = llm.stats, rep["step_ms_breakdown"]
+    print(f"\n{rep['model']}: {rep['requests']} requests, {rep['generated_tokens']} tokens in {rep['wall_s']:.1f} s "
+          f"({rep['workers']} worker(s), {'pipelined' if llm.pipeline else 'serial'}, {rep['schedule']})")
+    print(f"  S-Part       {llm.spart.device.type} {rep['dtype']} ({getattr(llm.spart, 'dtype_why', '')}); KV {rep['kv_dtype']}")
+    print(f"  throughput   decode {rep['decode_tok_s']:.1f} tok/s, prefill {rep['prefill_tok_s']:.0f} tok/s, "
+          f"total {rep['total_tok_s']:.1f} tok/s")
     print(f"  time         prefill {st.prefill_wall:.1f} s, decode {st.decode_wall:.1f} s; "
           f"step p50 {rep['step_ms_p50']:.0f} ms, p99 {rep['step_ms_p99']:.0f} ms")
-    print(f"  busy         S-Part {st.s_busy:.1f} s, R-Part {r_busy:.1f} s (per worker); "
+    fixed = f" (fixed per-layer cost {b['s_fixed']:.1f}, calibrated)" if "s_fixed" in b else ""
+    print(f"  step (ms)    S-Part {b['s_part']:.1f}{fixed}; waiting for the R-Part {b['r_wait']:.1f} "
+          f"(attention kernel {b['kernel']:.1f}, round trip and overlap {b['r_wait'] - b['kernel']:.1f}); "
+          f"sampling and bookkeeping {b['other']:.1f}")
+    print(f"  busy         S-Part {st.s_busy:.1f} s, R-Part {rep['r_busy_s']:.1f} s (per worker); "
           f"overlap efficiency {rep['overlap_efficiency']:.2f}{'' if llm.pipeline else ' (serial: nothing to overlap)'}")
     print(f"  KV held      peak tokens per worker {rep['kv_tokens_peak_per_worker']}")
     if rep["predicted_decode_tok_s"] is None:
@@ -87,7 +117,6 @@ def report(llm, outs, wall, args, prof=None):
     else:
         print(f"  model        predicted decode {rep['predicted_decode_tok_s']:.1f} tok/s for these steps "
               f"(measured/predicted {rep['decode_tok_s'] / rep['predicted_decode_tok_s']:.2f})")
-    return rep
 
 
 def parse_args(argv=None):
