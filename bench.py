@@ -59,32 +59,70 @@ def torch_sdpa_timer(q, K, V, dtype, threads):
         return best_time(lambda: f(tq, tk, tv, enable_gqa=gqa))
 
 
+def int8_rows(K, V):
+    """int8 copies of K, V and the decode_attention keywords that carry their scales."""
+    import kvcache
+    (K8, ks), (V8, vs) = zip(*map(kvcache.quantize_int8, K)), zip(*map(kvcache.quantize_int8, V))
+    return list(K8), list(V8), {"key_scales": list(ks), "value_scales": list(vs)}
+
+
+def kv_bytes(K, V, scales=None):
+    """Bytes the kernel reads for these rows: K and V, and the int8 rows' scales."""
+    return sum(a.nbytes for a in (*K, *V, *(scales or {}).get("key_scales", ()), *(scales or {}).get("value_scales", ())))
+
+
+def incache_gbs(q, K, V, threads, scales=None, budget=512 * 2**10):
+    """The kernel's compute ceiling: GB/s of KV on rows that stay in L2. Every sequence of the
+    batch points at the same few tokens (K and V together within `budget` bytes), so the call is
+    as long as a real one but reads memory only once."""
+    L = max(1, budget // (2 * K[0][0].nbytes))
+    K1, V1 = [K[0][:L].copy()] * len(K), [V[0][:L].copy()] * len(V)
+    sc = None if scales is None else {n: [a[0][:L].copy()] * len(a) for n, a in scales.items()}
+    t = best_time(lambda: rpart.decode_attention(q, K1, V1, num_threads=threads, **(sc or {})))
+    return kv_bytes(K1, V1, sc) / t / 1e9
+
+
 def kernel_row(model, S, L, threads, probe_buf, rng):
     Hq, Hkv, D = SHAPES[model]
     q = rng.standard_normal((S, Hq, D), dtype=np.float32)
     K32 = [rng.standard_normal((L, Hkv, D), dtype=np.float32) for _ in range(S)]
     V32 = [rng.standard_normal((L, Hkv, D), dtype=np.float32) for _ in range(S)]
-    kv_elems = 2 * S * L * Hkv * D
     row = {"model": model, "S": S, "L": L, "threads": threads}
-    row["fp32_gbs"] = kv_elems * 4 / best_time(lambda: rpart.decode_attention(q, K32, V32, num_threads=threads)) / 1e9
+    row["fp32_gbs"] = kv_bytes(K32, V32) / best_time(lambda: rpart.decode_attention(q, K32, V32, num_threads=threads)) / 1e9
     t_torch32 = torch_sdpa_timer(q, K32, V32, __import__("torch").float32, threads)
-    row["torch_fp32_gbs"] = kv_elems * 4 / t_torch32 / 1e9
-    row["torch_bf16_gbs"] = kv_elems * 2 / torch_sdpa_timer(q, K32, V32, __import__("torch").bfloat16, threads) / 1e9
+    row["torch_fp32_gbs"] = kv_bytes(K32, V32) / t_torch32 / 1e9
+    row["torch_bf16_gbs"] = kv_bytes(K32, V32) / 2 / torch_sdpa_timer(q, K32, V32, __import__("torch").bfloat16, threads) / 1e9
     K16, V16 = [k.astype(np.float16) for k in K32], [v.astype(np.float16) for v in V32]
+    K8, V8, sc = int8_rows(K32, V32)
     del K32, V32
     # The memory's read bandwidth drifts by 30% over minutes here (neighbours): measure it
-    # interleaved with the fp16 kernel, so the fraction compares the two at the same moments.
-    # The kernel runs twice per round: right after the probe's sweep it ran up to 8% slower.
+    # interleaved with the kernels, so the fractions compare them at the same moments. Each
+    # kernel runs twice per round: right after the probe's sweep it ran up to 8% slower.
     lib = rpart.load_kernel()
     fp16 = lambda: rpart.decode_attention(q, K16, V16, num_threads=threads)  # noqa: E731
-    t_read, *t16 = best_times_interleaved(
-        [lambda: lib.fd_read_probe(probe_buf.ctypes.data, probe_buf.nbytes, threads), fp16, fp16])
-    t16 = min(t16)
+    int8 = lambda: rpart.decode_attention(q, K8, V8, num_threads=threads, **sc)  # noqa: E731
+    t_read, *t = best_times_interleaved(
+        [lambda: lib.fd_read_probe(probe_buf.ctypes.data, probe_buf.nbytes, threads), fp16, fp16, int8, int8])
+    t16, t8 = min(t[:2]), min(t[2:])
     row["read_gbs"] = probe_buf.nbytes / t_read / 1e9
-    row["fp16_gbs"] = kv_elems * 2 / t16 / 1e9
+    row["fp16_gbs"] = kv_bytes(K16, V16) / t16 / 1e9
+    row["int8_gbs"] = kv_bytes(K8, V8, sc) / t8 / 1e9
+    row["fp16_incache_gbs"] = incache_gbs(q, K16, V16, threads)
+    row["int8_incache_gbs"] = incache_gbs(q, K8, V8, threads, sc)
     row["fp16_frac_of_read"] = row["fp16_gbs"] / row["read_gbs"]
-    row["fp16_tok_over_torch_fp32"] = t_torch32 / t16  # KV-tokens/s ratio on the same tokens
+    row["int8_frac_of_read"] = row["int8_gbs"] / row["read_gbs"]
+    row["int8_tok_over_fp16"] = t16 / t8  # KV-tokens/s ratio on the same tokens
+    row["fp16_tok_over_torch_fp32"] = t_torch32 / t16
     return row
+
+
+def print_kernel_row(r):
+    print(f"{r['model']:<11}{r['S']:>4}{r['L']:>6}{r['threads']:>4} | {r['read_gbs']:6.1f} {r['fp16_gbs']:6.1f} "
+          f"{r['fp16_incache_gbs']:6.1f} {r['int8_gbs']:6.1f} {r['int8_incache_gbs']:6.1f} {r['fp32_gbs']:6.1f} "
+          f"{r['torch_fp32_gbs']:6.1f} {r['torch_bf16_gbs']:6.1f} | {r['fp16_frac_of_read']:5.2f} "
+          f"{r['fp16_incache_gbs'] / r['read_gbs']:5.2f} {r['int8_frac_of_read']:5.2f} "
+          f"{r['int8_incache_gbs'] / r['read_gbs']:5.2f} | {r['int8_tok_over_fp16']:5.2f}x "
+          f"{r['fp16_tok_over_torch_fp32']:6.2f}x", flush=True)
 
 
 def bench_kernel(args):
@@ -94,19 +132,19 @@ def bench_kernel(args):
     lengths = [2048] if args.quick else [512, 2048, 8192]
     print(f"kernel: {info['simd']}, up to {all_threads} threads. torch SDPA needs dense [S, H, Lmax, D]: "
           "a ragged batch pads to Lmax (all lengths equal here, so torch pays no padding)")
-    print("read: a STREAM-like sum over 256 MiB with the same threads, interleaved with the fp16 kernel")
-    hdr = (f"{'model':<11}{'S':>4}{'L':>6}{'thr':>4} | {'read':>6} {'fp16':>6} {'fp32':>6} {'t-fp32':>6}"
-           f" {'t-bf16':>6}  GB/s | {'fp16/read':>9} {'fp16 tok/s / torch fp32':>24}")
-    print(hdr + "\n" + "-" * len(hdr))
+    print("read: a STREAM-like sum over 256 MiB with the same threads, interleaved with the fp16 and int8 kernels; "
+          "$: in cache (the same kernel on rows that fit in L2: its compute ceiling); int8 GB/s count the scales")
+    hdr = (f"{'model':<11}{'S':>4}{'L':>6}{'thr':>4} | {'read':>6} {'fp16':>6} {'fp16$':>6} {'int8':>6} {'int8$':>6} "
+           f"{'fp32':>6} {'t-fp32':>6} {'t-bf16':>6} | {'fraction of read':^23} | {'tokens/s':^14}")
+    sub = (f"{'':<25} | {'GB/s of KV read':^62} | {'fp16':>5} {'fp16$':>5} {'int8':>5} {'int8$':>5} | "
+           f"{'i8/16':>6} {'16/t32':>7}")
+    print(hdr + "\n" + sub + "\n" + "-" * len(sub))
     rng, rows, buf = np.random.default_rng(0), [], np.ones(1 << 28, np.uint8)
     for model in SHAPES:
         for L in lengths:
             for t in thread_counts:
-                r = kernel_row(model, 32, L, t, buf, rng)
-                rows.append(r)
-                print(f"{model:<11}{32:>4}{L:>6}{t:>4} | {r['read_gbs']:6.1f} {r['fp16_gbs']:6.1f} {r['fp32_gbs']:6.1f} "
-                      f"{r['torch_fp32_gbs']:6.1f} {r['torch_bf16_gbs']:6.1f}       | "
-                      f"{r['fp16_frac_of_read']:9.2f} {r['fp16_tok_over_torch_fp32']:23.2f}x", flush=True)
+                rows.append(kernel_row(model, 32, L, t, buf, rng))
+                print_kernel_row(rows[-1])
     key = next(r for r in rows if r["model"] == "opt-1.3b" and r["L"] == 2048 and r["threads"] == all_threads)
     summary = {k: round(v, 3) if isinstance(v, float) else v for k, v in key.items()}
     summary["simd"] = info["simd"]
