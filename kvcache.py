@@ -9,24 +9,31 @@ the kernel reads the first L rows of each as views, without copies.
 Writes name their position (`write(seq, layer, pos, k, v)`), so a step that is retried after a
 worker failure overwrites instead of appending twice.
 
+The store knows nothing of sockets or kernels: the worker (rpart.py) writes into it and hands
+its views to the attention kernel. It imports nothing from this project.
+
 Legend: L cached length, Hkv KV heads, D head dim.
 """
 import dataclasses
 
 import numpy as np
 
-import rpart
+DEFAULT_KV_MEM = "8GiB"   # a worker's KV budget unless told otherwise (the CLIs' --kv-mem)
 
 
 def parse_size(text):
-    """'8GiB', '512MiB', '2G', '1000000' -> bytes."""
+    """'8GiB', '512MiB', '2G', '1000000' -> bytes (> 0); a ValueError naming the text otherwise."""
     t = str(text).strip().lower().replace(" ", "")
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6,
              "g": 10**9, "t": 10**12, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * units[u])
-    return int(float(t))
+    unit = next((u for u in sorted(units, key=len, reverse=True) if t.endswith(u)), "")
+    try:
+        n = int(float(t[: len(t) - len(unit)]) * units.get(unit, 1))
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"size {text!r}: expected a positive size such as 8GiB, 512MiB or 2G")
+    return n
 
 
 def quantize_int8(x):
@@ -49,7 +56,7 @@ class KVConfig:
     n_kv_heads: int                # Hkv
     head_dim: int                  # D
     dtype: str = "float16"         # or "float32"
-    mem_bytes: int = 8 * 2**30     # budget for K and V of all sequences
+    mem_bytes: int = parse_size(DEFAULT_KV_MEM)  # budget for K and V of all sequences
 
     def __post_init__(self):
         if self.dtype not in ("float16", "float32"):
@@ -147,21 +154,3 @@ class KVCache:
         return {"sequences": len(self.blocks), "tokens": tokens,
                 "bytes_used": tokens * self.cfg.bytes_per_token,
                 "bytes_reserved": self.reserved, "bytes_free": self.free_bytes()}
-
-
-# --- one layer of a decode step on the store ---
-
-
-def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
-    """One layer of one decode step on a KV store (kvcache.KVCache): write each sequence's new
-    k, v [Hkv, D] at its position, then attend over rows [0, position]. q [S, Hq, D] -> o [S, Hq, D].
-    Every sequence is checked before anything is written, so a bad request changes nothing."""
-    for s, p in zip(seqs, positions):
-        if s not in cache.blocks:
-            raise KeyError(f"unknown sequence {s}")
-        if not 0 <= p < cache.capacity(s):
-            raise ValueError(f"sequence {s}: position {p} outside its capacity {cache.capacity(s)}")
-    for i, (s, p) in enumerate(zip(seqs, positions)):
-        cache.write(s, layer, int(p), k[i], v[i])
-    kv = [cache.views(s, layer, int(p) + 1) for s, p in zip(seqs, positions)]
-    return rpart.decode_attention(q, [a for a, _ in kv], [b for _, b in kv], num_threads=num_threads)

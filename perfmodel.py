@@ -10,26 +10,36 @@ A GPU-only server (vLLM-style) keeps the KV on the GPU: its batch is capped by f
     python perfmodel.py predict --model llama-2-7b --gpu a10 --cpu-nodes 4 --prompt-len 1024 --gen-len 256
     python perfmodel.py predict --model llama-2-7b --gpu a10 --sweep cpu-nodes --json
 
-`calibrate` measures this machine (memory read bandwidth, the kernel's GB/s, the S-Part's time
-against batch size, loopback latency and bandwidth) into a JSON profile; `host_step` predicts
-a step of the engine on it, and `plan` turns that into the engine's batch size and KV cap.
+`calibrate` (calibrate.py) measures this machine (memory read bandwidth, the kernel's GB/s, the
+S-Part's time against batch size, loopback latency and bandwidth) into a JSON profile;
+`host_step` predicts a step of the engine on it, and `plan` turns that into the engine's batch
+size and KV cap.
 
     python perfmodel.py calibrate      # writes ~/.cache/fastdecode/profile.json ($FASTDECODE_PROFILE)
+    python perfmodel.py predict --host --model opt-1.3b   # fastdecode.py on this calibrated machine
 """
 import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
-import rpart
+import backend
 
-rpart.short_openmp_spin()  # measure as the engine runs (before torch loads libgomp)
+backend.short_openmp_spin()  # measure as the engine runs (before torch loads libgomp)
+import calibrate as calib  # noqa: E402
+import kvcache  # noqa: E402
 import spart  # noqa: E402
+from calibrate import best_time, median_time  # noqa: E402,F401  (the benches time with these)
 
-PROFILE = os.environ.get("FASTDECODE_PROFILE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdecode", "profile.json")
+
+def profile_path():
+    """Where the calibration profile lives: $FASTDECODE_PROFILE, else ~/.cache/fastdecode/profile.json
+    (read when asked, so a test or a user may point it elsewhere at any time)."""
+    return os.environ.get("FASTDECODE_PROFILE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdecode", "profile.json")
 
 # --- hardware ---
 
@@ -120,158 +130,9 @@ def predict(cfg, gpu, cpu, nodes, link, prompt, gen, max_batch=4096):
             "ratio": fd_tok / g_tok if g_tok else float("inf"), "bottleneck": neck, "cpu_capacity_batch": cap}
 
 
-# --- calibration: measuring this machine ---
-
-
-def best_time(fn, reps=5, min_time=0.3):
-    """Best of `reps` calls (and at least `min_time` seconds of calls): the least-disturbed run."""
-    fn()  # warm up: page faults, thread pool start
-    best, spent, n = float("inf"), 0.0, 0
-    while n < reps or spent < min_time:
-        t = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t
-        best, spent, n = min(best, dt), spent + dt, n + 1
-    return best
-
-
-def median_time(fn, reps=7):
-    """Median of `reps` calls after a warm-up: what a long run sees on a shared, noisy machine
-    (the engine's measured throughput averages over every step, disturbed or not)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def read_bandwidth(threads, nbytes=1 << 28):
-    """STREAM-like read over `threads` threads of a buffer far larger than the caches, in GB/s."""
-    buf = np.ones(nbytes, dtype=np.uint8)
-    lib = rpart.load_kernel()
-    return nbytes / best_time(lambda: lib.fd_read_probe(buf.ctypes.data, nbytes, threads), 7) / 1e9
-
-
-def measure_kernel(threads, S=16, L=1024, Hkv=32, D=64):
-    """The kernel's GB/s of KV read (fp16, fp32) and the fixed cost of one call."""
-    rng = np.random.default_rng(0)
-    q = rng.standard_normal((S, Hkv, D), dtype=np.float32)
-    out = {}
-    for dt in ("float16", "float32"):
-        K, V = ([rng.standard_normal((L, Hkv, D), dtype=np.float32).astype(dt) for _ in range(S)] for _ in "KV")
-        t = median_time(lambda: rpart.decode_attention(q, K, V, num_threads=threads), 15)
-        out[dt] = 2 * S * L * Hkv * D * np.dtype(dt).itemsize / t / 1e9
-    k1 = [np.ones((1, Hkv, D), np.float16)]
-    out["call_s"] = best_time(lambda: rpart.decode_attention(q[:1], k1, k1, num_threads=threads), 50)
-    return out
-
-
-def s_step_time(sp, b):
-    """One decode step of the S-Part alone for b sequences: every layer's pre_attn and post_attn
-    (with o = 0 in place of the R-Part's answer) and the LM head."""
-    import torch
-    c, dev = sp.cfg, sp.device
-    toks, pos = torch.full((b,), 5, device=dev), torch.full((b,), 64, device=dev)
-    o = np.zeros((b, c.n_heads, c.head_dim), np.float32)
-
-    def step():  # with the engine's conversions to and from NumPy around the R-Part
-        with torch.inference_mode():
-            h = sp.embed(toks, pos)
-            for layer in range(c.n_layers):
-                q, k, v = sp.pre_attn(layer, h, pos)
-                q.to("cpu", torch.float32).numpy()
-                for x in (k, v):
-                    x.to("cpu", torch.float32).numpy().astype(np.float16)
-                h = sp.post_attn(layer, h, torch.from_numpy(o).to(dev))
-            sp.lm_head(h)[0, 0].item()  # waits for the device
-    return median_time(step, 5)
-
-
-def fit_spart(points):
-    """Least squares over (weight_count, n_layers, b, seconds): t = W*(a + c*b) + layers*g.
-    a: seconds per weight read, c: per weight per sequence (FLOPs), g: per-layer fixed cost."""
-    A = np.array([[w, w * b, n] for w, n, b, _ in points], dtype=np.float64)
-    t = np.array([s for *_, s in points])
-    scale = A.max(axis=0)
-    x, *_ = np.linalg.lstsq(A / scale, t, rcond=None)
-    x = np.maximum(x / scale, 0.0)
-    return {"per_weight_s": x[0], "per_weight_seq_s": x[1], "per_layer_s": x[2]}
-
-
-def measure_loopback(threads):
-    """One local worker over loopback: round-trip latency, bandwidth, and what a decode call
-    costs beyond the kernel (framing, Python on both sides), fixed and per sequence."""
-    import kvcache
-    procs, addrs = rpart.spawn_workers(1, threads=threads, kv_mem=2**28)
-    try:
-        c = rpart.WorkerClient(*addrs[0])
-        kv = kvcache.KVConfig(1, 32, 64, "float16", 2**28)
-        c.configure(kv, 32)
-        out = {"latency_s": best_time(lambda: c.stats(), 50)}
-        c.call(rpart.ADD, (0, 1024))
-        K = np.ones((1024, 32, 64), np.float16)  # 4 MiB each of K and V per FILL
-        fill = best_time(lambda: c.call(rpart.FILL, (0, 0, 1024), (K, K)), 10)
-        out["gbs"] = 2 * K.nbytes / max(fill - out["latency_s"], 1e-9) / 1e9
-        c.call(rpart.DROP, (0,))
-        over = {}
-        for S in (1, 16):  # a decode call at length 64: round trip minus the kernel on the same data
-            rng = np.random.default_rng(S)
-            Ks, Vs = (rng.standard_normal((S, 64, 32, 64), dtype=np.float32).astype(np.float16) for _ in "KV")
-            for i in range(S):
-                c.add(100 + i, 64, Ks[i][None, :63], Vs[i][None, :63])
-            q, ids = rng.standard_normal((S, 32, 64), dtype=np.float32), list(range(100, 100 + S))
-
-            def call():
-                c.send_decode(0, ids, [63] * S, q, Ks[:, 63], Vs[:, 63])
-                c.recv_out((S, 32, 64))
-            rpc = best_time(call, 30)
-            over[S] = rpc - best_time(lambda: rpart.decode_attention(q, list(Ks), list(Vs), num_threads=threads), 30)
-            for i in range(S):
-                c.call(rpart.DROP, (100 + i,))
-        out["rpc_per_seq_s"] = max(0.0, (over[16] - over[1]) / 15)
-        out["rpc_call_s"] = max(0.0, over[1] - out["rpc_per_seq_s"])
-        c.call(rpart.SHUTDOWN)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            p.kill()
-    return out
-
-
-def calibrate(models=("opt-125m", "opt-1.3b"), batches=(1, 4, 8, 16, 32, 64), device=None, progress=True):
-    """Measure this machine -> profile dict (see PROFILE)."""
-    import torch
-    from tqdm import tqdm
-    info = rpart.kernel_info()
-    threads = info["max_threads"]
-    bar = tqdm(total=3 + len(models) * len(batches), desc="calibrate", disable=not progress)
-    prof = {"cores": os.cpu_count(), "mem_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
-            "threads": threads, "simd": info["simd"]}
-    prof["read_gbs"] = read_bandwidth(threads)
-    bar.update()
-    prof["kernel"] = measure_kernel(threads)
-    bar.update()
-    prof["loopback"] = measure_loopback(threads)
-    bar.update()
-    points = []
-    for m in models:
-        sp = spart.SPart.load(m, device=device, quiet=True)
-        torch.set_num_threads(threads)
-        for b in batches:
-            points.append((sp.cfg.weight_count(), sp.cfg.n_layers, b, s_step_time(sp, b)))
-            bar.update()
-        prof["device"], prof["dtype"] = str(sp.device), str(sp.dtype).replace("torch.", "")
-        del sp
-    bar.close()
-    prof["spart_points"] = points
-    prof["spart"] = fit_spart(points)
-    return prof
-
-
-def load_profile(path=PROFILE):
+def load_profile(path=None):
     """The calibration profile, or None when this machine has not been calibrated."""
+    path = path or profile_path()
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -331,19 +192,88 @@ def plan(prof, cfg, prompt, gen, *, kv_mem_bytes, workers=1, pipelined=False, kv
     if pipelined:
         _, p = host_step(prof, cfg, batch, mean_len, kv_dtype=kv_dtype, pipelined=True)
         kv_cap = int(kv_cap * max(1.0, p["s"] / max(p["r"], 1e-12)))  # R time grows with KV: balance
-    return {"max_batch": batch, "kv_cap": kv_cap, "tok_s": tput[batch]}
+    step = host_step(prof, cfg, batch, mean_len, kv_dtype=kv_dtype, pipelined=pipelined)[0]
+    return {"max_batch": batch, "kv_cap": kv_cap, "tok_s": tput[batch],
+            "max_prefill_tokens": prefill_tokens(prof, cfg, step)}
 
 
-# --- main ---
+def prefill_tokens(prof, cfg, step_s, lo=64, hi=8192):
+    """The chunked-prefill cap: the most prompt tokens whose S-Part pass takes no longer than
+    one decode step, so a running sequence waits at most about two steps for its next token
+    while a prompt is prefilled (a prefill chunk costs about what a decode batch of as many
+    tokens does: the same matmuls; prompt attention is small beside them at these lengths)."""
+    t = lo
+    while t * 2 <= hi and s_host_time(prof, cfg, t * 2) <= step_s:
+        t *= 2
+    return t
 
 
-def main(argv=None):
+# --- main: one function per subcommand ---
+
+
+def print_rows(res):
+    for k, v in res.items():
+        print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
+
+
+def cmd_calibrate(a):
+    prof = calib.calibrate(a.models, device=a.device)
+    out = a.out or profile_path()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(prof, f, indent=1)
+    k, s, lo = prof["kernel"], prof["spart"], prof["loopback"]
+    print(f"memory read {prof['read_gbs']:.1f} GB/s; kernel fp16 {k['float16']:.1f} GB/s, fp32 {k['float32']:.1f} GB/s, "
+          f"{k['call_s'] * 1e6:.0f} us per call")
+    print(f"loopback: {lo['latency_s'] * 1e6:.0f} us round trip, {lo['gbs']:.2f} GB/s; a decode call costs "
+          f"{lo['rpc_call_s'] * 1e6:.0f} us + {lo['rpc_per_seq_s'] * 1e6:.1f} us/sequence beyond the kernel")
+    print(f"S-Part on {prof['device']} ({prof['dtype']}): {s['per_weight_s'] * 1e12:.1f} ps/weight + "
+          f"{s['per_weight_seq_s'] * 1e12:.1f} ps/weight/sequence + {s['per_layer_s'] * 1e6:.0f} us/layer")
+    for w, n, b, t in prof["spart_points"]:
+        fit = w * (s["per_weight_s"] + s["per_weight_seq_s"] * b) + n * s["per_layer_s"]
+        print(f"  {w / 1e6:7.0f}M weights, batch {b:>3}: measured {t * 1e3:7.1f} ms, fit {fit * 1e3:7.1f} ms")
+    print(f"profile written to {out}")
+    return prof
+
+
+def cmd_predict_host(a, cfg):
+    """fastdecode.py on this calibrated machine."""
+    prof = load_profile()
+    if prof is None:
+        raise ValueError(f"no profile at {profile_path()}: run `python perfmodel.py calibrate` first")
+    res = plan(prof, cfg, a.prompt_len, a.gen_len, kv_mem_bytes=kvcache.parse_size(a.kv_mem))
+    step, parts = host_step(prof, cfg, res["max_batch"], a.prompt_len + a.gen_len / 2)
+    res.update({"step_ms": step * 1e3, **{f"{k}_ms": v * 1e3 for k, v in parts.items()},
+                "kv_bytes_per_token": kv_bytes_per_token(cfg)})
+    print_rows(res)
+    return res
+
+
+def cmd_predict(a):
+    if a.model not in spart.KNOWN:
+        raise ValueError(f"--model {a.model!r}: not a known model ({', '.join(spart.KNOWN)})")
+    cfg = spart.KNOWN[a.model][1]
+    if a.host:
+        return cmd_predict_host(a, cfg)
+    run = lambda n: predict(cfg, GPUS[a.gpu], CPUS[a.cpu], n, LINKS[a.link], a.prompt_len, a.gen_len)
+    if not a.sweep:
+        res = run(a.cpu_nodes)
+        print_rows(res)
+        return res
+    rows = [(n, run(n)) for n in (1, 2, 4, 8, 16, 32)]
+    print(f"{'nodes':>5} {'batch':>6} {'FD tok/s':>9} {'GPU-only':>9} {'ratio':>6}  bottleneck")
+    for n, r in rows:
+        print(f"{n:>5} {r['batch_size']:>6} {r['fastdecode_tok_s']:>9.0f} {r['gpu_only_tok_s']:>9.0f} {r['ratio']:>6.2f}  {r['bottleneck']}")
+    return {"sweep": [{"cpu_nodes": n, **r} for n, r in rows]}
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FastDecode performance model")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("calibrate", help="measure this machine and write a profile")
     c.add_argument("--models", nargs="+", default=["opt-125m", "opt-1.3b"], help="models whose S-Part is timed")
     c.add_argument("--device", default=None, help="S-Part device (default: cuda if available, else cpu)")
-    c.add_argument("--out", default=PROFILE, help=f"profile path (default {PROFILE})")
+    c.add_argument("--out", default=None, help="profile path (default $FASTDECODE_PROFILE, else ~/.cache/fastdecode/profile.json)")
     c.add_argument("--json", action="store_true", help="end with the profile as one JSON object")
     q = sub.add_parser("predict", help="predict throughput for a configuration")
     q.add_argument("--model", default="llama-2-7b", help="a known model name")
@@ -355,58 +285,22 @@ def main(argv=None):
     q.add_argument("--gen-len", type=int, default=256, help="generated tokens")
     q.add_argument("--sweep", choices=["cpu-nodes"], help="print throughput against the number of CPU nodes")
     q.add_argument("--host", action="store_true", help="predict fastdecode.py on this calibrated machine instead")
-    q.add_argument("--kv-mem", default="8GiB", help="with --host: KV memory per worker")
+    q.add_argument("--kv-mem", default=kvcache.DEFAULT_KV_MEM, help="with --host: KV memory per worker")
     q.add_argument("--json", action="store_true", help="end with one JSON object")
-    a = p.parse_args(argv)
-    if a.cmd == "calibrate":
-        prof = calibrate(a.models, device=a.device)
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(prof, f, indent=1)
-        k, s = prof["kernel"], prof["spart"]
-        print(f"memory read {prof['read_gbs']:.1f} GB/s; kernel fp16 {k['float16']:.1f} GB/s, fp32 {k['float32']:.1f} GB/s, "
-              f"{k['call_s'] * 1e6:.0f} us per call")
-        lo = prof["loopback"]
-        print(f"loopback: {lo['latency_s'] * 1e6:.0f} us round trip, {lo['gbs']:.2f} GB/s; a decode call costs "
-              f"{lo['rpc_call_s'] * 1e6:.0f} us + {lo['rpc_per_seq_s'] * 1e6:.1f} us/sequence beyond the kernel")
-        print(f"S-Part on {prof['device']} ({prof['dtype']}): {s['per_weight_s'] * 1e12:.1f} ps/weight + "
-              f"{s['per_weight_seq_s'] * 1e12:.1f} ps/weight/sequence + {s['per_layer_s'] * 1e6:.0f} us/layer")
-        for w, n, b, t in prof["spart_points"]:
-            fit = w * (s["per_weight_s"] + s["per_weight_seq_s"] * b) + n * s["per_layer_s"]
-            print(f"  {w / 1e6:7.0f}M weights, batch {b:>3}: measured {t * 1e3:7.1f} ms, fit {fit * 1e3:7.1f} ms")
-        print(f"profile written to {a.out}")
-        if a.json:
-            print(json.dumps(prof))
-        return
-    cfg = spart.KNOWN[a.model][1]
-    if a.host:
-        import kvcache
-        prof = load_profile()
-        if prof is None:
-            raise SystemExit(f"no profile at {PROFILE}: run `python perfmodel.py calibrate` first")
-        res = plan(prof, cfg, a.prompt_len, a.gen_len, kv_mem_bytes=kvcache.parse_size(a.kv_mem))
-        step, parts = host_step(prof, cfg, res["max_batch"], a.prompt_len + a.gen_len / 2)
-        res.update({"step_ms": step * 1e3, **{f"{k}_ms": v * 1e3 for k, v in parts.items()},
-                    "kv_bytes_per_token": kv_bytes_per_token(cfg)})
-        for k, v in res.items():
-            print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
-        if a.json:
-            print(json.dumps(res))
-        return
-    run = lambda n: predict(cfg, GPUS[a.gpu], CPUS[a.cpu], n, LINKS[a.link], a.prompt_len, a.gen_len)
-    if a.sweep:
-        rows = [(n, run(n)) for n in (1, 2, 4, 8, 16, 32)]
-        print(f"{'nodes':>5} {'batch':>6} {'FD tok/s':>9} {'GPU-only':>9} {'ratio':>6}  bottleneck")
-        for n, r in rows:
-            print(f"{n:>5} {r['batch_size']:>6} {r['fastdecode_tok_s']:>9.0f} {r['gpu_only_tok_s']:>9.0f} {r['ratio']:>6.2f}  {r['bottleneck']}")
-        res = {"sweep": [{"cpu_nodes": n, **r} for n, r in rows]}
-    else:
-        res = run(a.cpu_nodes)
-        for k, v in res.items():
-            print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        res = {"calibrate": cmd_calibrate, "predict": cmd_predict}[a.cmd](a)
+    except (ValueError, OSError, backend.WorkerStartError) as e:  # bad input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.json:
         print(json.dumps(res))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

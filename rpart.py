@@ -1,18 +1,18 @@
-"""rpart.py - the R-Part: CPU decode attention (ctypes binding of attn_cpu.c).
+"""rpart.py - the R-Part as one worker runs it: the CPU attention kernel and the worker process.
 
-FastDecode splits a transformer layer into the S-Part (weights, on the GPU) and the R-Part
-(the per-sequence KV-cache and the attention that reads it, on CPU workers). This module is the
-R-Part: `decode_attention` calls the C kernel in attn_cpu.c over ragged sequences, zero-copy
-(the slow, obvious reference it is tested against is `reference_attention`); `serve` is a worker
-process holding a KV store (kvcache.py) behind a socket; `WorkerClient` and `RemoteBackend` are
-what the engine uses to reach workers, with send and receive apart so the engine can overlap.
+FastDecode splits a transformer layer into the S-Part (weights, on the GPU: spart.py) and the
+R-Part (the per-sequence KV-cache and the attention that reads it, on CPU workers). This module
+is what a worker runs:
 
-Wire protocol: length-prefixed binary frames, never pickle. A 20-byte header
-    magic "FDR1" | version u8 | type u8 | reserved u16 | meta length u32 | payload length u64
-then a fixed binary meta struct per type and raw little-endian array bytes. Every field is
-checked against the configured model and the worker's state; a bad request gets an ERROR frame
-and the worker serves on; a bad header (or an oversize frame) closes that connection. Each
-connection starts with a challenge; a worker with a secret requires HMAC-SHA256(secret, nonce).
+- `decode_attention`: the ctypes binding of attn_cpu.c, attention over ragged sequences without
+  copying the KV (`reference_attention` is its slow, obvious float64 twin, for tests);
+- `attend_step`: one layer of one decode step on a KV store (kvcache.py): write this step's
+  k, v at each sequence's position, then attend;
+- the worker process: a `Worker` (one handler per message type) behind a socket speaking the
+  frames of wire.py, one thread per connection. The engine's side of it is backend.py.
+
+A bad request gets an ERROR frame and the worker serves on; broken framing closes that
+connection only. Beyond loopback a worker requires a shared secret (wire.challenge).
 
 Legend: S sequences, Hq/Hkv query/KV heads, D head dim, L cached length of one sequence.
 
@@ -20,11 +20,8 @@ Legend: S sequences, Hq/Hkv query/KV heads, D head dim, L cached length of one s
 """
 import argparse
 import ctypes
-import hashlib
-import hmac
 import ipaddress
 import os
-import secrets
 import socket
 import struct
 import subprocess
@@ -33,6 +30,9 @@ import threading
 import time
 
 import numpy as np
+
+import kvcache
+import wire
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIB_PATH = os.path.join(HERE, "attn_cpu.so")
@@ -52,16 +52,20 @@ def _build():
 
 
 def load_kernel():
-    """The ctypes library, built first when missing or older than attn_cpu.c."""
+    """The ctypes library, built first when missing or older than attn_cpu.c. $FASTDECODE_KERNEL
+    names another build to load as it is (`make debug` makes attn_cpu_debug.so)."""
     global _lib
     with _lib_lock:
         if _lib is not None:
             return _lib
-        stale = (not os.path.exists(LIB_PATH) or
-                 (os.path.exists(SRC_PATH) and os.path.getmtime(SRC_PATH) > os.path.getmtime(LIB_PATH)))
-        if stale:
-            _build()
-        lib = ctypes.CDLL(LIB_PATH)
+        path = os.environ.get("FASTDECODE_KERNEL")
+        if not path:
+            path = LIB_PATH
+            stale = (not os.path.exists(LIB_PATH) or
+                     (os.path.exists(SRC_PATH) and os.path.getmtime(SRC_PATH) > os.path.getmtime(LIB_PATH)))
+            if stale:
+                _build()
+        lib = ctypes.CDLL(path)
         P = ctypes.c_void_p
         I = ctypes.c_int
         lib.fd_decode_attention.argtypes = [P, P, P, P, P, P, I, I, I, I, I, ctypes.c_float, I, P]
@@ -190,210 +194,130 @@ def reference_attention(q, keys, values, *, key_scales=None, value_scales=None, 
     return out
 
 
-# --- wire protocol ---
-
-MAGIC, VERSION = b"FDR1", 1
-HEADER = struct.Struct("<4sBBHIQ")          # magic, version, type, reserved, meta len, payload len
-MAX_META = 64
-DEFAULT_MAX_FRAME = 256 * 2**20             # bytes of payload; prefill ships one layer per frame
-(HELLO, AUTH, CONFIGURE, ADD, FILL, DECODE, DROP, STATS, SHUTDOWN, OK, ERROR, OUT, STATS_REPLY) = range(1, 14)
-META = {  # fixed binary meta per message type
-    HELLO: struct.Struct("<B32s"),          # needs_auth, nonce
-    AUTH: struct.Struct("<32s"),            # HMAC-SHA256(secret, nonce), zeros without a secret
-    CONFIGURE: struct.Struct("<IIIIB"),     # n_layers, Hkv, Hq, D, kv dtype (0 fp16, 1 fp32)
-    ADD: struct.Struct("<QI"),              # seq id, capacity
-    FILL: struct.Struct("<QII"),            # seq id, layer, L; payload K then V [L, Hkv, D]
-    DECODE: struct.Struct("<II"),           # layer, S; payload ids u64[S], positions u32[S], q, k, v
-    DROP: struct.Struct("<Q"),
-    STATS: struct.Struct(""), SHUTDOWN: struct.Struct(""), OK: struct.Struct(""),
-    ERROR: struct.Struct(""),               # payload: utf-8 message
-    OUT: struct.Struct("<IQ"),              # S, kernel nanoseconds; payload o f32 [S, Hq, D]
-    STATS_REPLY: struct.Struct("<6Q"),      # sequences, tokens, used, reserved, free, threads
-}
-KV_DTYPES = {0: np.float16, 1: np.float32}
+# --- one layer of a decode step on a KV store ---
 
 
-class ProtocolError(Exception):  # the peer broke framing: the connection cannot continue
-    pass
-
-
-class WorkerLost(Exception):
-    """A worker stopped answering (dead, reset, or past the timeout)."""
-
-    def __init__(self, worker, why):
-        super().__init__(f"worker {worker}: {why}")
-        self.worker = worker
-
-
-def recv_exact(sock, view):
-    """Fill the memoryview from the socket with recv_into; EOF mid-frame is a ConnectionError."""
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("connection closed")
-        got += n
-
-
-def send_frame(sock, mtype, meta=(), payload=()):
-    """payload: a sequence of bytes-like objects (numpy arrays are sent without a copy)."""
-    m = META[mtype].pack(*meta)
-    bufs = [memoryview(p).cast("B") for p in payload]
-    sock.sendall(HEADER.pack(MAGIC, VERSION, mtype, 0, len(m), sum(len(b) for b in bufs)) + m)
-    for b in bufs:
-        sock.sendall(b)
-
-
-class FrameReader:
-    """Receives frames into one reusable buffer per connection (no allocation per frame)."""
-
-    def __init__(self, sock, max_frame=DEFAULT_MAX_FRAME):
-        self.sock, self.max_frame = sock, max_frame
-        self.head = bytearray(HEADER.size + MAX_META)
-        self.buf = np.empty(1 << 20, dtype=np.uint8)
-
-    def read(self):
-        """-> (type, meta tuple, payload memoryview valid until the next read)."""
-        hv = memoryview(self.head)
-        recv_exact(self.sock, hv[:HEADER.size])
-        magic, ver, mtype, _, mlen, plen = HEADER.unpack_from(self.head)
-        if magic != MAGIC or ver != VERSION:
-            raise ProtocolError(f"bad magic/version {bytes(magic)!r}/{ver}")
-        if mtype not in META or mlen != META[mtype].size:
-            raise ProtocolError(f"unknown message type {mtype} or meta length {mlen}")
-        if plen > self.max_frame:
-            raise ProtocolError(f"payload of {plen} bytes exceeds the {self.max_frame}-byte frame cap")
-        recv_exact(self.sock, hv[HEADER.size:HEADER.size + mlen])
-        meta = META[mtype].unpack_from(self.head, HEADER.size)
-        if plen > self.buf.nbytes:
-            self.buf = np.empty(max(plen, 2 * self.buf.nbytes), dtype=np.uint8)
-        payload = memoryview(self.buf)[:plen]
-        recv_exact(self.sock, payload)
-        return mtype, meta, payload
-
-
-def split_payload(payload, parts):
-    """Cut a payload into arrays: parts = [(dtype, shape), ...]; sizes must add up exactly."""
-    out, off = [], 0
-    for dtype, shape in parts:
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if off + n > len(payload):
-            raise ValueError(f"payload of {len(payload)} bytes is too short for {parts}")
-        out.append(np.frombuffer(payload[off:off + n], dtype=dtype).reshape(shape))
-        off += n
-    if off != len(payload):
-        raise ValueError(f"payload has {len(payload) - off} unexpected trailing bytes")
-    return out
+def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
+    """Write each sequence's new k, v [Hkv, D] at its position of `layer`, then attend over rows
+    [0, position]. q [S, Hq, D] -> o [S, Hq, D] float32. Every sequence is checked before
+    anything is written, so a bad request changes nothing."""
+    for s, p in zip(seqs, positions):
+        if not 0 <= p < cache.capacity(s):  # capacity() raises KeyError for an unknown sequence
+            raise ValueError(f"sequence {s}: position {p} outside its capacity {cache.capacity(s)}")
+    for i, (s, p) in enumerate(zip(seqs, positions)):
+        cache.write(s, layer, int(p), k[i], v[i])
+    kv = [cache.views(s, layer, int(p) + 1) for s, p in zip(seqs, positions)]
+    return decode_attention(q, [a for a, _ in kv], [b for _, b in kv], num_threads=num_threads)
 
 
 # --- the worker ---
 
 
 class Worker:
-    """One R-Part worker's state: the model dims it was configured with and its KV store."""
+    """One worker's state: the model dims it was configured with and its KV store. `handle`
+    dispatches a request to the handler of its message type; a handler raises on a bad request
+    (the connection turns that into an ERROR frame) and returns (reply type, meta, payload)."""
 
-    def __init__(self, threads=None, kv_mem=8 * 2**30):
-        import kvcache  # here, not at the top: kvcache imports this module for the kernel
-        self.kvcache, self.threads, self.kv_mem = kvcache, threads, kv_mem
+    def __init__(self, threads=None, kv_mem=kvcache.parse_size(kvcache.DEFAULT_KV_MEM)):
+        self.threads, self.kv_mem = threads, kv_mem
         self.cache = self.n_heads = None
         self.lock = threading.Lock()   # connections are threads; the store is shared
+        self.handlers = {wire.CONFIGURE: self.configure, wire.ADD: self.add, wire.FILL: self.fill,
+                         wire.DECODE: self.decode, wire.DROP: self.drop, wire.STATS: self.stats}
 
     def handle(self, mtype, meta, payload):
-        """One request -> (reply type, meta, payload). Raises on bad requests (-> ERROR frame)."""
-        if mtype == CONFIGURE:
-            n_layers, hkv, hq, d, dt = meta
-            if dt not in KV_DTYPES or hq < 1 or hkv < 1 or hq % hkv or d % 8 or not 8 <= d <= 256 or not 1 <= n_layers <= 1024:
-                raise ValueError(f"bad configuration {meta}")
-            cfg = self.kvcache.KVConfig(n_layers, hkv, d, np.dtype(KV_DTYPES[dt]).name, self.kv_mem)
-            if self.cache is not None and self.cache.blocks and cfg != self.cache.cfg:
-                raise ValueError("cannot reconfigure a worker that holds sequences")
-            if self.cache is None or cfg != self.cache.cfg:
-                self.cache = self.kvcache.KVCache(cfg)
-            self.n_heads = hq
-            return OK, (), ()
-        if self.cache is None:
+        if mtype not in self.handlers:
+            raise ValueError(f"unexpected message type {mtype}")
+        if mtype != wire.CONFIGURE and self.cache is None:
             raise ValueError("worker not configured")
+        return self.handlers[mtype](meta, payload)
+
+    def configure(self, meta, payload):
+        n_layers, hkv, hq, d, code = meta
+        if code not in wire.KV_DTYPES or hq < 1 or hkv < 1 or hq % hkv or d % 8 or not 8 <= d <= 256 \
+                or not 1 <= n_layers <= 1024:
+            raise ValueError(f"bad configuration {meta}")
+        cfg = kvcache.KVConfig(n_layers, hkv, d, wire.KV_DTYPES[code], self.kv_mem)
+        if self.cache is not None and self.cache.blocks and cfg != self.cache.cfg:
+            raise ValueError("cannot reconfigure a worker that holds sequences")
+        if self.cache is None or cfg != self.cache.cfg:
+            self.cache = kvcache.KVCache(cfg)
+        self.n_heads = hq
+        return wire.OK, (), ()
+
+    def add(self, meta, payload):
+        self.cache.allocate(*meta)                      # seq id, capacity
+        return wire.OK, (), ()
+
+    def fill(self, meta, payload):
+        seq, layer, L = meta
         c = self.cache.cfg
-        if mtype == ADD:
-            self.cache.allocate(meta[0], meta[1])
-            return OK, (), ()
-        if mtype == FILL:
-            seq, layer, L = meta
-            K, V = split_payload(payload, [(c.dtype, (L, c.n_kv_heads, c.head_dim))] * 2)
-            self.cache.fill(seq, layer, K, V)
-            return OK, (), ()
-        if mtype == DECODE:
-            layer, S = meta
-            if not 0 <= layer < c.n_layers or not 1 <= S <= 65536:
-                raise ValueError(f"layer {layer} or batch {S} out of range")
-            ids, pos, q, k, v = split_payload(payload, [
-                (np.uint64, (S,)), (np.uint32, (S,)), (np.float32, (S, self.n_heads, c.head_dim)),
-                (c.dtype, (S, c.n_kv_heads, c.head_dim)), (c.dtype, (S, c.n_kv_heads, c.head_dim))])
-            if len(set(ids.tolist())) != S:
-                raise ValueError("duplicate sequence ids in one decode call")
-            t = time.perf_counter_ns()
-            o = self.kvcache.attend_step(self.cache, layer, ids.tolist(), pos.tolist(), q, k, v, num_threads=self.threads)
-            return OUT, (S, time.perf_counter_ns() - t), (o,)
-        if mtype == DROP:
-            self.cache.free(meta[0])
-            return OK, (), ()
-        if mtype == STATS:
-            st = self.cache.stats()
-            return STATS_REPLY, (st["sequences"], st["tokens"], st["bytes_used"], st["bytes_reserved"],
-                                 st["bytes_free"], self.threads or 0), ()
-        raise ValueError(f"unexpected message type {mtype}")
+        K, V = wire.split_payload(payload, [(c.dtype, (L, c.n_kv_heads, c.head_dim))] * 2)
+        self.cache.fill(seq, layer, K, V)
+        return wire.OK, (), ()
+
+    def decode(self, meta, payload):
+        layer, S = meta
+        c = self.cache.cfg
+        if not 0 <= layer < c.n_layers or not 1 <= S <= 65536:
+            raise ValueError(f"layer {layer} or batch {S} out of range")
+        ids, pos, q, k, v = wire.split_payload(payload, wire.decode_parts(S, self.n_heads, c.n_kv_heads,
+                                                                         c.head_dim, c.dtype))
+        if len(set(ids.tolist())) != S:
+            raise ValueError("duplicate sequence ids in one decode call")
+        t = time.perf_counter_ns()
+        o = attend_step(self.cache, layer, ids.tolist(), pos.tolist(), q, k, v, num_threads=self.threads)
+        return wire.OUT, (S, time.perf_counter_ns() - t), (o,)
+
+    def drop(self, meta, payload):
+        self.cache.free(meta[0])
+        return wire.OK, (), ()
+
+    def stats(self, meta, payload):
+        st = {**self.cache.stats(), "threads": self.threads or 0}
+        return wire.STATS_REPLY, tuple(st[k] for k in wire.STATS_FIELDS), ()
 
 
 def _serve_connection(worker, conn, secret, max_frame, stop):
     """Handshake, then requests until the peer closes, breaks framing, or asks for shutdown."""
     with conn:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = FrameReader(conn, max_frame)
+        reader = wire.FrameReader(conn, max_frame)
         try:
-            nonce = secrets.token_bytes(32)
-            send_frame(conn, HELLO, (int(secret is not None), nonce))
-            mtype, meta, _ = reader.read()
-            want = hmac.new(secret, nonce, hashlib.sha256).digest() if secret is not None else bytes(32)
-            if mtype != AUTH or not hmac.compare_digest(meta[0], want):
-                send_frame(conn, ERROR, (), (b"authentication failed",))
+            if not wire.challenge(conn, reader, secret):
                 return
             while True:
                 mtype, meta, payload = reader.read()
-                if mtype == SHUTDOWN:
-                    send_frame(conn, OK)
+                if mtype == wire.SHUTDOWN:
+                    wire.send_frame(conn, wire.OK)
                     stop.set()
                     return
                 try:
                     with worker.lock:
                         reply = worker.handle(mtype, meta, payload)
                 except Exception as e:  # any bad request: an ERROR frame, and serve on
-                    reply = (ERROR, (), (f"{type(e).__name__}: {e}".encode(),))
-                send_frame(conn, *reply)
-        except (ProtocolError, ConnectionError, OSError, struct.error):
+                    reply = (wire.ERROR, (), (f"{type(e).__name__}: {e}".encode(),))
+                wire.send_frame(conn, *reply)
+        except (wire.ProtocolError, ConnectionError, OSError, struct.error):
             return  # framing is lost or the peer is gone: drop this connection only
 
 
 def check_bind(host, secret):
-    """Loopback needs nothing; any other address needs a shared secret."""
+    """Loopback needs nothing; any other address needs a shared secret. Raises ValueError."""
     addr = ipaddress.ip_address(socket.gethostbyname(host))
     if not addr.is_loopback and secret is None:
-        raise SystemExit(f"refusing to listen on {host} ({addr}) without --secret-file: "
+        raise ValueError(f"refusing to listen on {host} ({addr}) without --secret-file: "
                          "workers beyond loopback require a shared secret")
 
 
-def serve(host="127.0.0.1", port=0, *, threads=None, kv_mem=8 * 2**30, secret=None,
-          max_frame=DEFAULT_MAX_FRAME, ready=None, parent_pid=None):
-    """Run a worker until SHUTDOWN. ready(port) is called once listening (port 0: any free one)."""
-    check_bind(host, secret)
-    load_kernel()
-    worker, stop = Worker(threads, kv_mem), threading.Event()
-    srv = socket.create_server((host, port))
+def serve(srv, worker, *, secret=None, max_frame=wire.DEFAULT_MAX_FRAME, parent_pid=None):
+    """Accept connections on the listening socket `srv` until a SHUTDOWN, or until the process
+    `parent_pid` (the engine that started this worker) is gone: no orphan is left behind."""
+    stop = threading.Event()
     srv.settimeout(0.2)
-    if ready:
-        ready(srv.getsockname()[1])
     while not stop.is_set():
         if parent_pid and os.getppid() != parent_pid:
-            break  # the engine that spawned us is gone: leave no orphan behind
+            break
         try:
             conn, _ = srv.accept()
         except socket.timeout:
@@ -403,227 +327,57 @@ def serve(host="127.0.0.1", port=0, *, threads=None, kv_mem=8 * 2**30, secret=No
     srv.close()
 
 
-def short_openmp_spin():
-    """libgomp's threads spin for milliseconds after each parallel region; where the S-Part
-    (torch, same libgomp) and local workers share cores, that steals the other side's time.
-    Spin briefly instead. Only before libgomp loads; the user's OMP_* / GOMP_* settings win."""
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
-
-def _spawned_worker(port_queue, threads, kv_mem, parent_pid):
-    short_openmp_spin()
-    serve("127.0.0.1", 0, threads=threads, kv_mem=kv_mem, ready=port_queue.put, parent_pid=parent_pid)
-
-
-def spawn_workers(n, *, threads=None, kv_mem=8 * 2**30):
-    """Start n local workers on loopback -> (processes, [(host, port)]). They exit on SHUTDOWN
-    or when this process is gone."""
-    import multiprocess
-    ctx = multiprocess.get_context("spawn")  # fork after OpenMP has started can hang the child
-    procs, addrs = [], []
-    for _ in range(n):
-        q = ctx.Queue()
-        p = ctx.Process(target=_spawned_worker, args=(q, threads, kv_mem, os.getpid()), daemon=True)
-        p.start()
-        procs.append(p)
-        addrs.append(("127.0.0.1", q.get(timeout=120)))
-    return procs, addrs
-
-
-# --- the client the engine uses ---
-
-
-class WorkerClient:
-    """One connection to one worker. send_decode and recv_out are separate so the engine can go
-    on with S-Part work in between; `pending` counts replies still to be received."""
-
-    def __init__(self, host, port, *, secret=None, timeout=60.0, max_frame=DEFAULT_MAX_FRAME):
-        self.addr = f"{host}:{port}"
-        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader, self.pending = FrameReader(self.sock, max_frame), 0
-        mtype, (needs_auth, nonce), _ = self.reader.read()
-        if mtype != HELLO:
-            raise ProtocolError(f"{self.addr}: expected HELLO")
-        if needs_auth and secret is None:
-            raise PermissionError(f"{self.addr}: worker requires a shared secret")
-        send_frame(self.sock, AUTH, (hmac.new(secret, nonce, hashlib.sha256).digest() if needs_auth else bytes(32),))
-
-    def _reply(self, expect=OK):
-        mtype, meta, payload = self.reader.read()
-        if mtype == ERROR:
-            raise RuntimeError(f"worker {self.addr}: {bytes(payload).decode(errors='replace')}")
-        if mtype != expect:
-            raise ProtocolError(f"{self.addr}: expected reply {expect}, got {mtype}")
-        return meta, payload
-
-    def call(self, mtype, meta=(), payload=(), expect=OK):
-        send_frame(self.sock, mtype, meta, payload)
-        return self._reply(expect)
-
-    def configure(self, kv_cfg, n_heads):
-        dt = 0 if kv_cfg.dtype == "float16" else 1
-        self.call(CONFIGURE, (kv_cfg.n_layers, kv_cfg.n_kv_heads, n_heads, kv_cfg.head_dim, dt))
-
-    def add(self, seq, capacity, K, V):
-        """Allocate and ship prefilled K, V [n_layers, L, Hkv, D]: all frames out, then all replies."""
-        send_frame(self.sock, ADD, (seq, capacity))
-        for layer in range(K.shape[0]):
-            send_frame(self.sock, FILL, (seq, layer, K.shape[1]), (np.ascontiguousarray(K[layer]), np.ascontiguousarray(V[layer])))
-        errors = []
-        for _ in range(K.shape[0] + 1):
-            try:
-                self._reply()
-            except RuntimeError as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-    def send_decode(self, layer, seqs, positions, q, k, v):
-        S = len(seqs)
-        send_frame(self.sock, DECODE, (layer, S), (np.asarray(seqs, np.uint64), np.asarray(positions, np.uint32),
-                                                   np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v)))
-        self.pending += 1
-
-    def recv_out(self, shape):
-        """o [S, Hq, D] float32 (a view valid until the next receive), kernel seconds."""
-        self.pending -= 1
-        (S, ns), payload = self._reply(OUT)
-        (o,) = split_payload(payload, [(np.float32, shape)])
-        return o, ns * 1e-9
-
-    def stats(self):
-        keys = ("sequences", "tokens", "bytes_used", "bytes_reserved", "bytes_free", "threads")
-        return dict(zip(keys, self.call(STATS, expect=STATS_REPLY)[0]))
-
-    def close(self):
-        self.sock.close()
-
-
-class RemoteBackend:
-    """The R-Part as the engine sees it: workers (spawned here, or at worker_hosts), placement,
-    and decode calls fanned out to the workers that hold a micro-batch's sequences."""
-
-    def __init__(self, kv_cfg, n_heads, *, n_local=1, hosts=None, threads=None, secret=None, timeout=60.0):
-        self.kv_cfg, self.n_heads, self.procs, self.clients = kv_cfg, n_heads, [], []
-        self.r_busy, self.free, self.where = 0.0, [], {}   # kernel seconds; free bytes; seq -> worker
-        try:
-            if hosts:
-                addrs = [h.rsplit(":", 1) for h in hosts]
-            else:
-                self.procs, addrs = spawn_workers(n_local, threads=threads, kv_mem=kv_cfg.mem_bytes)
-            for host, port in addrs:
-                c = WorkerClient(host, port, secret=secret, timeout=timeout)
-                c.configure(kv_cfg, n_heads)
-                self.clients.append(c)
-                self.free.append(c.stats()["bytes_free"])
-        except BaseException:
-            self.close()
-            raise
-
-    def free_bytes(self):  # per worker; -1 for a lost one
-        return list(self.free)
-
-    def add(self, worker, seq, K, V, capacity):
-        try:
-            self.clients[worker].add(seq, capacity, K, V)
-        except (ConnectionError, OSError, ProtocolError) as e:
-            raise WorkerLost(worker, repr(e)) from e
-        self.where[seq] = worker
-        self.free[worker] -= capacity * self.kv_cfg.bytes_per_token
-
-    def drop(self, seq):
-        w = self.where.pop(seq)
-        if self.free[w] >= 0:
-            try:
-                self.clients[w].call(DROP, (seq,))
-            except (ConnectionError, OSError, ProtocolError) as e:
-                raise WorkerLost(w, repr(e)) from e
-            self.free[w] = self.clients[w].stats()["bytes_free"]
-
-    def submit(self, layer, seqs, positions, q, k, v):
-        """Send each worker its share of the micro-batch; returns a handle for collect()."""
-        by_worker = {}
-        for i, s in enumerate(seqs):
-            by_worker.setdefault(self.where[s], []).append(i)
-        handle = []
-        for w, idx in by_worker.items():
-            idx = np.asarray(idx)
-            try:
-                self.clients[w].send_decode(layer, [seqs[i] for i in idx], [positions[i] for i in idx], q[idx], k[idx], v[idx])
-            except (ConnectionError, OSError) as e:
-                raise WorkerLost(w, repr(e)) from e
-            handle.append((w, idx))
-        return handle, q.shape
-
-    def collect(self, handle):
-        """Wait for every worker's part of o; -> o [S, Hq, D] float32 in the order submitted."""
-        parts, shape = handle
-        out = np.empty(shape, dtype=np.float32)
-        for w, idx in parts:
-            try:
-                o, secs = self.clients[w].recv_out((len(idx),) + shape[1:])
-            except (ConnectionError, OSError, ProtocolError) as e:
-                raise WorkerLost(w, repr(e)) from e
-            out[idx] = o
-            self.r_busy += secs
-        return out
-
-    def remove_worker(self, w):
-        """Forget a lost worker; drain replies in flight on the others. -> workers still alive."""
-        self.free[w] = -1
-        self.clients[w].close()
-        if w < len(self.procs):
-            self.procs[w].kill()
-        for s in [s for s, x in self.where.items() if x == w]:
-            del self.where[s]
-        for i, c in enumerate(self.clients):
-            while self.free[i] >= 0 and c.pending > 0:  # replies to a step that will be redone
-                c.pending -= 1
-                try:
-                    c.reader.read()
-                except (ConnectionError, OSError, ProtocolError):
-                    self.free[i], c.pending = -1, 0
-        return sum(f >= 0 for f in self.free)
-
-    def stats(self):
-        return [c.stats() if self.free[i] >= 0 else None for i, c in enumerate(self.clients)]
-
-    def close(self):
-        """Shut down spawned workers (SHUTDOWN, then kill if they linger); close connections."""
-        for i, c in enumerate(self.clients):
-            if i < len(self.procs) and self.free[i] >= 0:
-                try:
-                    c.call(SHUTDOWN)
-                except (ConnectionError, OSError, ProtocolError, RuntimeError):
-                    pass
-            c.close()
-        for p in self.procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-        self.clients, self.procs = [], []
-
-
 # --- main ---
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Run one FastDecode R-Part worker.")
-    p.add_argument("--listen", default="127.0.0.1:7001", help="HOST:PORT to listen on (default 127.0.0.1:7001)")
+    p.add_argument("--listen", default="127.0.0.1:7001", help="HOST:PORT to listen on; port 0 picks a free one")
     p.add_argument("--threads", type=int, default=None, help="attention threads (default: all cores)")
-    p.add_argument("--kv-mem", default="8GiB", help="KV-cache memory budget, e.g. 8GiB")
+    p.add_argument("--kv-mem", default=kvcache.DEFAULT_KV_MEM, help="KV-cache memory budget, e.g. 8GiB")
     p.add_argument("--secret-file", help="file holding the shared secret (required beyond loopback)")
     p.add_argument("--max-frame", default="256MiB", help="largest accepted frame payload")
-    a = p.parse_args(argv)
-    import kvcache
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone (local workers)")
+    return p.parse_args(argv)
+
+
+def setup(a):
+    """Check the arguments, load the kernel, bind -> (listening socket, Worker, secret, max frame).
+    Every problem is a ValueError, OSError or RuntimeError with a message a user can act on."""
     host, port = a.listen.rsplit(":", 1) if ":" in a.listen else ("127.0.0.1", a.listen)
-    secret = open(a.secret_file, "rb").read().strip() if a.secret_file else None
-    print(f"R-Part worker on {host}:{port}, kernel {kernel_info()}", flush=True)
-    serve(host, int(port), threads=a.threads, kv_mem=kvcache.parse_size(a.kv_mem), secret=secret,
-          max_frame=kvcache.parse_size(a.max_frame))
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"--listen {a.listen!r}: expected HOST:PORT with a port in 0-65535")
+    kv_mem, max_frame = kvcache.parse_size(a.kv_mem), kvcache.parse_size(a.max_frame)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if kv_mem > total:
+        raise ValueError(f"--kv-mem {a.kv_mem} exceeds this machine's memory ({total / 2**30:.1f} GiB)")
+    if a.threads is not None and a.threads < 1:
+        raise ValueError(f"--threads {a.threads}: must be >= 1")
+    secret = None
+    if a.secret_file:
+        with open(a.secret_file, "rb") as f:
+            secret = f.read().strip()
+    check_bind(host, secret)
+    load_kernel()
+    try:
+        srv = socket.create_server((host, int(port)))
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return srv, Worker(a.threads, kv_mem), secret, max_frame
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        srv, worker, secret, max_frame = setup(a)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    host, port = srv.getsockname()[:2]
+    # backend.start_local_workers reads this line to learn the port: keep its form
+    print(f"R-Part worker listening on {host}:{port}, kernel {kernel_info()}", flush=True)
+    serve(srv, worker, secret=secret, max_frame=max_frame, parent_pid=a.parent_pid)
+    return 0
 
 
 if __name__ == "__main__":

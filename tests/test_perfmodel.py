@@ -1,4 +1,5 @@
 """Performance model: hand-computed formulas, monotonicity, and the choice logic."""
+import calibrate
 import perfmodel as pm
 import spart
 
@@ -54,7 +55,7 @@ PROF = {"spart": {"per_weight_s": 4e-11, "per_weight_seq_s": 1e-11, "per_layer_s
 def test_fit_spart_recovers_known_costs():
     a, c, g = 3e-11, 2e-12, 2e-4
     points = [(w, n, b, w * (a + c * b) + n * g) for w, n in ((1.25e8, 12), (1.3e9, 24)) for b in (1, 4, 16, 32)]
-    fit = pm.fit_spart(points)
+    fit = calibrate.fit_spart(points)
     assert abs(fit["per_weight_s"] - a) / a < 1e-6
     assert abs(fit["per_weight_seq_s"] - c) / c < 1e-6
     assert abs(fit["per_layer_s"] - g) / g < 1e-6
@@ -93,7 +94,7 @@ def test_calibrate_writes_a_profile_that_fastdecode_uses(checkpoint, tmp_path):
     import subprocess
     import sys
     d, _ = checkpoint("opt-preln")
-    prof = pm.calibrate([d], batches=(1, 4), progress=False)
+    prof = calibrate.calibrate([d], batches=(1, 4), progress=False)
     for key in ("read_gbs", "kernel", "loopback", "spart", "device"):
         assert key in prof
     assert prof["read_gbs"] > 0.1 and prof["kernel"]["float16"] > 0.1 and prof["loopback"]["gbs"] > 0.01

@@ -1,0 +1,174 @@
+"""calibrate.py - measuring this machine for the performance model (perfmodel.py).
+
+The model predicts a decode step from a few rates; this module measures them here, the way the
+engine runs: the memory's read bandwidth (the R-Part's physical limit), the attention kernel's
+GB/s of KV read and its fixed cost per call, a local worker's round trip over loopback and what
+a decode call costs beyond the kernel, and the S-Part's step time against the batch size
+(fitted as weights read + FLOPs + a fixed cost per layer). `python perfmodel.py calibrate`
+writes the result as a JSON profile.
+"""
+import os
+import time
+
+import numpy as np
+
+import backend
+
+backend.short_openmp_spin()  # measure as the engine runs (before torch loads libgomp)
+import kvcache  # noqa: E402
+import rpart  # noqa: E402
+import spart  # noqa: E402
+
+# --- timing ---
+
+
+def best_time(fn, reps=5, min_time=0.3):
+    """Best of `reps` calls (and at least `min_time` seconds of calls): the least-disturbed run."""
+    fn()  # warm up: page faults, thread pool start
+    best, spent, n = float("inf"), 0.0, 0
+    while n < reps or spent < min_time:
+        t = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t
+        best, spent, n = min(best, dt), spent + dt, n + 1
+    return best
+
+
+def median_time(fn, reps=7):
+    """Median of `reps` calls after a warm-up: what a long run sees on a shared, noisy machine
+    (the engine's measured throughput averages over every step, disturbed or not)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+# --- measuring ---
+
+
+def read_bandwidth(threads, nbytes=1 << 28):
+    """STREAM-like read over `threads` threads of a buffer far larger than the caches, in GB/s."""
+    buf = np.ones(nbytes, dtype=np.uint8)
+    lib = rpart.load_kernel()
+    return nbytes / best_time(lambda: lib.fd_read_probe(buf.ctypes.data, nbytes, threads), 7) / 1e9
+
+
+def measure_kernel(threads, S=16, L=1024, Hkv=32, D=64):
+    """The kernel's GB/s of KV read (fp16, fp32) and the fixed cost of one call."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((S, Hkv, D), dtype=np.float32)
+    out = {}
+    for dt in ("float16", "float32"):
+        K, V = ([rng.standard_normal((L, Hkv, D), dtype=np.float32).astype(dt) for _ in range(S)] for _ in "KV")
+        t = median_time(lambda: rpart.decode_attention(q, K, V, num_threads=threads), 15)
+        out[dt] = 2 * S * L * Hkv * D * np.dtype(dt).itemsize / t / 1e9
+    k1 = [np.ones((1, Hkv, D), np.float16)]
+    out["call_s"] = best_time(lambda: rpart.decode_attention(q[:1], k1, k1, num_threads=threads), 50)
+    return out
+
+
+def s_step_time(sp, b):
+    """One decode step of the S-Part alone for b sequences: every layer's pre_attn and post_attn
+    (with o = 0 in place of the R-Part's answer) and the LM head."""
+    import torch
+    c, dev = sp.cfg, sp.device
+    toks, pos = torch.full((b,), 5, device=dev), torch.full((b,), 64, device=dev)
+    o = np.zeros((b, c.n_heads, c.head_dim), np.float32)
+
+    def step():  # with the engine's conversions to and from NumPy around the R-Part
+        with torch.inference_mode():
+            h = sp.embed(toks, pos)
+            for layer in range(c.n_layers):
+                q, k, v = sp.pre_attn(layer, h, pos)
+                q.to("cpu", torch.float32).numpy()
+                for x in (k, v):
+                    x.to("cpu", torch.float32).numpy().astype(np.float16)
+                h = sp.post_attn(layer, h, torch.from_numpy(o).to(dev))
+            sp.lm_head(h)[0, 0].item()  # waits for the device
+    return median_time(step, 5)
+
+
+def fit_spart(points):
+    """Least squares over (weight_count, n_layers, b, seconds): t = W*(a + c*b) + layers*g.
+    a: seconds per weight read, c: per weight per sequence (FLOPs), g: per-layer fixed cost."""
+    A = np.array([[w, w * b, n] for w, n, b, _ in points], dtype=np.float64)
+    t = np.array([s for *_, s in points])
+    scale = A.max(axis=0)
+    x, *_ = np.linalg.lstsq(A / scale, t, rcond=None)
+    x = np.maximum(x / scale, 0.0)
+    return {"per_weight_s": x[0], "per_weight_seq_s": x[1], "per_layer_s": x[2]}
+
+
+def measure_loopback(threads):
+    """One local worker over loopback: round-trip latency, bandwidth, and what a decode call
+    costs beyond the kernel (framing, Python on both sides), fixed and per sequence."""
+    procs, addrs = backend.start_local_workers(1, threads=threads, kv_mem=2**28)
+    try:
+        c = backend.WorkerClient(*addrs[0])
+        c.configure(kvcache.KVConfig(1, 32, 64, "float16", 2**28), 32)
+        out = {"latency_s": best_time(lambda: c.stats(), 50)}
+        c.add(0, 1024)
+        K = np.ones((1024, 32, 64), np.float16)  # 4 MiB each of K and V per FILL
+        fill = best_time(lambda: c.fill(0, 0, K, K), 10)
+        out["gbs"] = 2 * K.nbytes / max(fill - out["latency_s"], 1e-9) / 1e9
+        c.drop(0)
+        over = {S: decode_overhead(c, S, threads) for S in (1, 16)}
+        out["rpc_per_seq_s"] = max(0.0, (over[16] - over[1]) / 15)
+        out["rpc_call_s"] = max(0.0, over[1] - out["rpc_per_seq_s"])
+        c.shutdown()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(5)
+    return out
+
+
+def decode_overhead(c, S, threads):
+    """Seconds a decode call of S sequences at length 64 costs beyond the kernel on the same data."""
+    rng = np.random.default_rng(S)
+    Ks, Vs = (rng.standard_normal((S, 64, 32, 64), dtype=np.float32).astype(np.float16) for _ in "KV")
+    for i in range(S):
+        c.add_filled(100 + i, 64, Ks[i][None, :63], Vs[i][None, :63])
+    q, ids = rng.standard_normal((S, 32, 64), dtype=np.float32), list(range(100, 100 + S))
+
+    def call():
+        c.send_decode(0, ids, [63] * S, q, Ks[:, 63], Vs[:, 63])
+        c.recv_out((S, 32, 64))
+    rpc = best_time(call, 30)
+    kernel = best_time(lambda: rpart.decode_attention(q, list(Ks), list(Vs), num_threads=threads), 30)
+    for i in range(S):
+        c.drop(100 + i)
+    return rpc - kernel
+
+
+def calibrate(models=("opt-125m", "opt-1.3b"), batches=(1, 4, 8, 16, 32, 64), device=None, progress=True):
+    """Measure this machine -> profile dict (see PROFILE)."""
+    import torch
+    from tqdm import tqdm
+    info = rpart.kernel_info()
+    threads = info["max_threads"]
+    bar = tqdm(total=3 + len(models) * len(batches), desc="calibrate", disable=not progress)
+    prof = {"cores": os.cpu_count(), "mem_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
+            "threads": threads, "simd": info["simd"]}
+    prof["read_gbs"] = read_bandwidth(threads)
+    bar.update()
+    prof["kernel"] = measure_kernel(threads)
+    bar.update()
+    prof["loopback"] = measure_loopback(threads)
+    bar.update()
+    points = []
+    for m in models:
+        sp = spart.SPart.load(m, device=device, quiet=True)
+        torch.set_num_threads(threads)
+        for b in batches:
+            points.append((sp.cfg.weight_count(), sp.cfg.n_layers, b, s_step_time(sp, b)))
+            bar.update()
+        prof["device"], prof["dtype"] = str(sp.device), str(sp.dtype).replace("torch.", "")
+        del sp
+    bar.close()
+    prof["spart_points"] = points
+    prof["spart"] = fit_spart(points)
+    return prof

@@ -1,0 +1,154 @@
+"""wire.py - the bytes between the engine and an R-Part worker.
+
+The engine (backend.py) and a worker (rpart.py) talk over one TCP connection each, in
+length-prefixed binary frames. Nothing is ever pickled: a frame is a fixed header, a fixed
+binary meta struct per message type, and raw little-endian array bytes. Both ends validate
+every field; this module only knows the layout, the size cap and the handshake.
+
+    header (20 bytes)  magic "FDR1" | version u8 | type u8 | reserved u16 | meta length u32 | payload length u64
+    meta               the struct in META[type]
+    payload            arrays back to back, in the order the message type names
+
+A connection opens with a challenge (HELLO: needs_auth, 32-byte nonce); the engine answers
+AUTH with HMAC-SHA256(secret, nonce), or zeros when the worker needs no secret. A bad header
+or an oversize frame means framing is lost: that connection is closed, the worker serves on.
+
+Legend: S sequences, Hq/Hkv query/KV heads, D head dim, L cached length of one sequence.
+"""
+import hashlib
+import hmac
+import secrets
+import struct
+
+import numpy as np
+
+MAGIC, VERSION = b"FDR1", 1
+HEADER = struct.Struct("<4sBBHIQ")          # magic, version, type, reserved, meta len, payload len
+MAX_META = 64
+DEFAULT_MAX_FRAME = 256 * 2**20             # bytes of payload; prefill ships one layer per frame
+
+# --- message types and their meta ---
+
+(HELLO, AUTH, CONFIGURE, ADD, FILL, DECODE, DROP, STATS, SHUTDOWN, OK, ERROR, OUT, STATS_REPLY) = range(1, 14)
+META = {  # fixed binary meta per message type
+    HELLO: struct.Struct("<B32s"),          # needs_auth, nonce
+    AUTH: struct.Struct("<32s"),            # HMAC-SHA256(secret, nonce), zeros without a secret
+    CONFIGURE: struct.Struct("<IIIIB"),     # n_layers, Hkv, Hq, D, kv dtype code (KV_DTYPES)
+    ADD: struct.Struct("<QI"),              # seq id, capacity in tokens
+    FILL: struct.Struct("<QII"),            # seq id, layer, L; payload K then V [L, Hkv, D]
+    DECODE: struct.Struct("<II"),           # layer, S; payload see decode_parts
+    DROP: struct.Struct("<Q"),              # seq id
+    STATS: struct.Struct(""), SHUTDOWN: struct.Struct(""), OK: struct.Struct(""),
+    ERROR: struct.Struct(""),               # payload: utf-8 message
+    OUT: struct.Struct("<IQ"),              # S, kernel nanoseconds; payload o f32 [S, Hq, D]
+    STATS_REPLY: struct.Struct("<6Q"),      # see STATS_FIELDS
+}
+STATS_FIELDS = ("sequences", "tokens", "bytes_used", "bytes_reserved", "bytes_free", "threads")
+KV_DTYPES = {0: "float16", 1: "float32"}    # CONFIGURE's dtype code -> the KV element type
+KV_CODES = {name: code for code, name in KV_DTYPES.items()}
+
+
+def decode_parts(S, n_heads, n_kv_heads, head_dim, kv_dtype):
+    """The DECODE payload, in order: ids u64 [S], positions u32 [S], q f32 [S, Hq, D],
+    k, v [S, Hkv, D] in the KV dtype. Both ends build it from here."""
+    return [(np.uint64, (S,)), (np.uint32, (S,)), (np.float32, (S, n_heads, head_dim)),
+            (kv_dtype, (S, n_kv_heads, head_dim)), (kv_dtype, (S, n_kv_heads, head_dim))]
+
+
+class ProtocolError(Exception):
+    """The peer broke framing: the connection cannot continue."""
+
+
+# --- frames ---
+
+
+def recv_exact(sock, view):
+    """Fill the memoryview from the socket with recv_into; EOF mid-frame is a ConnectionError."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("connection closed")
+        got += n
+
+
+def send_frame(sock, mtype, meta=(), payload=()):
+    """payload: a sequence of bytes-like objects (numpy arrays are sent without a copy)."""
+    m = META[mtype].pack(*meta)
+    bufs = [memoryview(p).cast("B") for p in payload]
+    sock.sendall(HEADER.pack(MAGIC, VERSION, mtype, 0, len(m), sum(len(b) for b in bufs)) + m)
+    for b in bufs:
+        sock.sendall(b)
+
+
+class FrameReader:
+    """Receives frames into one reusable buffer per connection (no allocation per frame)."""
+
+    def __init__(self, sock, max_frame=DEFAULT_MAX_FRAME):
+        self.sock, self.max_frame = sock, max_frame
+        self.head = bytearray(HEADER.size + MAX_META)
+        self.buf = np.empty(1 << 20, dtype=np.uint8)
+
+    def read(self):
+        """-> (type, meta tuple, payload memoryview valid until the next read)."""
+        hv = memoryview(self.head)
+        recv_exact(self.sock, hv[:HEADER.size])
+        magic, ver, mtype, _, mlen, plen = HEADER.unpack_from(self.head)
+        if magic != MAGIC or ver != VERSION:
+            raise ProtocolError(f"bad magic/version {bytes(magic)!r}/{ver}")
+        if mtype not in META or mlen != META[mtype].size:
+            raise ProtocolError(f"unknown message type {mtype} or meta length {mlen}")
+        if plen > self.max_frame:
+            raise ProtocolError(f"payload of {plen} bytes exceeds the {self.max_frame}-byte frame cap")
+        recv_exact(self.sock, hv[HEADER.size:HEADER.size + mlen])
+        meta = META[mtype].unpack_from(self.head, HEADER.size)
+        if plen > self.buf.nbytes:
+            self.buf = np.empty(max(plen, 2 * self.buf.nbytes), dtype=np.uint8)
+        payload = memoryview(self.buf)[:plen]
+        recv_exact(self.sock, payload)
+        return mtype, meta, payload
+
+
+def split_payload(payload, parts):
+    """Cut a payload into arrays: parts = [(dtype, shape), ...]; sizes must add up exactly."""
+    out, off = [], 0
+    for dtype, shape in parts:
+        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if off + n > len(payload):
+            raise ValueError(f"payload of {len(payload)} bytes is too short for {parts}")
+        out.append(np.frombuffer(payload[off:off + n], dtype=dtype).reshape(shape))
+        off += n
+    if off != len(payload):
+        raise ValueError(f"payload has {len(payload) - off} unexpected trailing bytes")
+    return out
+
+
+# --- the handshake: the worker challenges, the engine answers ---
+
+
+def _answer(secret, nonce):
+    return hmac.new(secret, nonce, hashlib.sha256).digest() if secret is not None else bytes(32)
+
+
+def challenge(sock, reader, secret):
+    """Worker side: send HELLO, check the AUTH answer. -> True when the peer may go on (an
+    ERROR frame has been sent when not)."""
+    nonce = secrets.token_bytes(32)
+    send_frame(sock, HELLO, (int(secret is not None), nonce))
+    mtype, meta, _ = reader.read()
+    if mtype != AUTH or not hmac.compare_digest(meta[0], _answer(secret, nonce)):
+        send_frame(sock, ERROR, (), (b"authentication failed",))
+        return False
+    return True
+
+
+def answer_challenge(sock, reader, secret, addr):
+    """Engine side: read HELLO, send AUTH. Raises PermissionError when the worker needs a
+    secret and none was given (a wrong secret shows as the worker's ERROR on the next reply)."""
+    mtype, meta, _ = reader.read()
+    if mtype != HELLO:
+        raise ProtocolError(f"{addr}: expected HELLO, got message type {mtype}")
+    needs_auth, nonce = meta
+    if needs_auth and secret is None:
+        raise PermissionError(f"{addr}: worker requires a shared secret")
+    send_frame(sock, AUTH, (_answer(secret if needs_auth else None, nonce),))
