@@ -311,114 +311,6 @@ FD_INLINE void rows_accumulate(float *restrict acc, const float *restrict p, con
     }
 }
 
-#if FD_VNNI
-// --- int8 V with VNNI: the weights in int16, two tokens per vpdpwssd ---
-//
-// Converting int8 V to float costs three instructions per 16 elements (widen, convert, FMA),
-// which bound the int8 kernel. Instead, a block's weights w = p * v_scale are rounded to int16
-// per head (wstep = max w / 32767: each weight off by at most wstep / 2, ~1.5e-5 of the largest)
-// and vpdpwssd adds w(t0) * v(t0) + w(t1) * v(t1) into int32 lanes: two rows of 32 elements
-// cost two widenings, two interleaves and two vpdpwssd. The int32 sums (at most 64 pairs x
-// 2 x 32767 x 127 < 2^31) go to the float accumulator once per block.
-
-// Row t's V scales for 16 heads from h0 (a multiple of 16), one lane per head.
-FD_INLINE __m512 scales16(const float *vs, int t, int Hkv, int h0, int n, int G) {
-    if (G == 1 || (G & (G - 1)) || G > 16) return head_scales(vs, t, Hkv, h0, n, G);
-    const __m512i idx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          __builtin_ctz(G));  // lane j: KV head h0 / G + j / G
-    return _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(mask_for((n + G - 1) / G), vs + (size_t)t * Hkv + h0 / G));
-}
-
-// pairs[j * Hq + h] = (w16(2j) | w16(2j + 1) << 16) for head h; rows past nb weigh 0. Sixteen
-// heads per vector, as block_softmax.
-FD_INLINE void weight_pairs(const float *sc, const float *vs, int nb, int Hq, int Hkv, int32_t *pairs, float *wstep) {
-    const int G = Hq / Hkv;
-    for (int h0 = 0; h0 < Hq; h0 += 16) {
-        const int n = Hq - h0 < 16 ? Hq - h0 : 16;
-        const __mmask16 k = mask_for(n);
-        __m512 mx = _mm512_setzero_ps();
-        for (int t = 0; t < nb; t++)
-            mx = _mm512_max_ps(mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc + (size_t)t * Hq + h0), scales16(vs, t, Hkv, h0, n, G)));
-        const __mmask16 pos = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ);
-        const __m512 inv = _mm512_maskz_div_ps(pos, _mm512_set1_ps(32767.0f), mx);
-        _mm512_mask_storeu_ps(wstep + h0, k, _mm512_div_ps(mx, _mm512_set1_ps(32767.0f)));
-        for (int t = 0; t < nb; t += 2) {
-            __m512i w[2];
-            for (int u = 0; u < 2; u++) {
-                const __m512 x = t + u < nb ? _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sc + (size_t)(t + u) * Hq + h0),
-                                                            scales16(vs, t + u, Hkv, h0, n, G)) : _mm512_setzero_ps();
-                w[u] = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv)), _mm512_set1_epi32(32767));
-            }
-            const __m512i pr = _mm512_or_si512(_mm512_and_si512(w[0], _mm512_set1_epi32(0xffff)), _mm512_slli_epi32(w[1], 16));
-            _mm512_mask_storeu_epi32(pairs + (size_t)(t / 2) * Hq + h0, k, pr);
-        }
-    }
-}
-
-// iacc[h] += the TP pairs of rows (v0 + 2j * row, its next row; the last pair's second row is
-// `last` when the block has an odd count) weighted by pairs[j * Hq + h]. iacc keeps each 32
-// elements as unpacklo | unpackhi lanes (dims 8c + m | 8c + 4 + m): pairs_flush puts them back.
-FD_INLINE void pairs_accumulate(int32_t *restrict iacc, const int32_t *pairs, const char *v0, const char *last,
-                                size_t row, int TP, int Hq, int G, int NH, int D, int Dp, Pf *pf) {
-    for (int h = 0; h < Hq; h += NH) {
-        pf_step(pf);
-        __m512i pw[2][4];
-#pragma GCC unroll 2
-        for (int j = 0; j < TP; j++)
-#pragma GCC unroll 4
-            for (int u = 0; u < NH; u++) pw[j][u] = _mm512_set1_epi32(pairs[(size_t)j * Hq + h + u]);
-        for (int i = 0; i < D; i += 32) {
-            const __mmask32 m = D - i >= 32 ? ~0u : (1u << (D - i)) - 1;
-            __m512i lo[4], hi[4];
-#pragma GCC unroll 4
-            for (int u = 0; u < NH; u++) {
-                lo[u] = _mm512_loadu_si512(iacc + (size_t)(h + u) * Dp + i);
-                hi[u] = _mm512_loadu_si512(iacc + (size_t)(h + u) * Dp + i + 16);
-            }
-#pragma GCC unroll 2
-            for (int j = 0; j < TP; j++) {
-                const char *r0 = v0 + 2 * (size_t)j * row, *r1 = j == TP - 1 && last ? last : r0 + row;
-                r0 += (size_t)(h / G) * D, r1 += (size_t)(h / G) * D;
-                const __m512i a = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, r0 + i));
-                const __m512i b = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, r1 + i));
-                const __m512i xl = _mm512_unpacklo_epi16(a, b), xh = _mm512_unpackhi_epi16(a, b);
-#pragma GCC unroll 4
-                for (int u = 0; u < NH; u++) {
-                    lo[u] = _mm512_dpwssd_epi32(lo[u], xl, pw[j][u]);
-                    hi[u] = _mm512_dpwssd_epi32(hi[u], xh, pw[j][u]);
-                }
-            }
-#pragma GCC unroll 4
-            for (int u = 0; u < NH; u++) {
-                _mm512_storeu_si512(iacc + (size_t)(h + u) * Dp + i, lo[u]);
-                _mm512_storeu_si512(iacc + (size_t)(h + u) * Dp + i + 16, hi[u]);
-            }
-        }
-    }
-}
-
-// acc[h] += wstep[h] * iacc[h] in dim order, and iacc cleared for the next block.
-FD_INLINE void pairs_flush(float *restrict acc, int32_t *restrict iacc, const float *wstep, int Hq, int D, int Dp) {
-    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-    for (int h = 0; h < Hq; h++) {
-        const __m512 w = _mm512_set1_ps(wstep[h]);
-        for (int i = 0; i < D; i += 32) {
-            int32_t *x = iacc + (size_t)h * Dp + i;
-            const __m512i lo = _mm512_loadu_si512(x), hi = _mm512_loadu_si512(x + 16);
-            for (int half = 0; half < 2 && i + 16 * half < D; half++) {
-                const __m512i d = _mm512_permutex2var_epi32(lo, half ? second : first, hi);
-                float *a = acc + (size_t)h * D + i + 16 * half;
-                const __mmask16 m = mask_for(D - i - 16 * half);
-                _mm512_mask_storeu_ps(a, m, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), w, _mm512_maskz_loadu_ps(m, a)));
-            }
-            _mm512_storeu_si512(x, _mm512_setzero_si512());
-            _mm512_storeu_si512(x + 16, _mm512_setzero_si512());
-        }
-    }
-}
-#endif
-
 // exp for x <= 0 (Cody-Waite range reduction, degree-6 polynomial; ~1 ulp), 2^n by scalef.
 FD_INLINE __m512 exp_neg(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
@@ -572,55 +464,15 @@ FD_INLINE void block_softmax(float *st, int nb, int Hq, float *m, float *l, floa
 
 typedef struct { int s, t0, t1; } Item;  // sequence s, tokens [t0, t1)
 
-// A thread's scratch: the block's scores and rescaling, and for int8 V with VNNI the int16
-// weight pairs, their steps and the int32 accumulators (rows of Dp = D rounded up to 32).
-typedef struct {
-    float *sc, *c;       // [BT, Hq], [Hq]
-    int32_t *pairs;      // [BT / 2, Hq]
-    float *wstep;        // [Hq]
-    int32_t *iacc;       // [Hq, Dp], zero between blocks
-} Scratch;
-
-FD_INLINE size_t scratch_floats(int Hq, int D) {  // a thread's Scratch, rounded to a cache line
-    return ((size_t)Hq * (BT + 1 + BT / 2 + 1 + (size_t)(D + 31) / 32 * 32) + 15) / 16 * 16;
-}
-FD_INLINE Scratch scratch_at(float *base, int Hq) {
-    float *pairs = base + (size_t)Hq * (BT + 1), *wstep = pairs + (size_t)Hq * (BT / 2);
-    return (Scratch){base, base + (size_t)Hq * BT, (int32_t *)pairs, wstep, (int32_t *)(wstep + Hq)};
-}
-
-#if FD_VNNI
-// One block's V for int8 rows: TRV rows (TRV / 2 pairs) a tile; an odd last row pairs with itself.
-FD_INLINE void block_values_q8(float *acc, const Scratch *ws, const Seq *sq, int b0, int nb, int t1, int Hq,
-                               int Hkv, int NH, int D, int ahead, int steps) {
-    const size_t row = (size_t)Hkv * D;
-    const int G = Hq / Hkv, Dp = (D + 31) / 32 * 32;
-    weight_pairs(ws->sc, sq->vs + (size_t)b0 * Hkv, nb, Hq, Hkv, ws->pairs, ws->wstep);
-    for (int t = b0, n; t < b0 + nb; t += n) {
-        n = b0 + nb - t >= TRV ? TRV : b0 + nb - t >= 2 ? 2 : 1;
-        Pf pf = rows_ahead(sq->v, t, n, ahead, t1, row, steps);
-        const char *vt = sq->v + (size_t)t * row, *last = n == 1 ? vt : NULL;
-        const int32_t *pp = ws->pairs + (size_t)((t - b0) / 2) * Hq;
-        if (n == TRV && NH == 4) pairs_accumulate(ws->iacc, pp, vt, last, row, TRV / 2, Hq, G, 4, D, Dp, &pf);
-        else if (n == TRV && NH == 2) pairs_accumulate(ws->iacc, pp, vt, last, row, TRV / 2, Hq, G, 2, D, Dp, &pf);
-        else if (n == TRV) pairs_accumulate(ws->iacc, pp, vt, last, row, TRV / 2, Hq, G, 1, D, Dp, &pf);
-        else pairs_accumulate(ws->iacc, pp, vt, last, row, 1, Hq, G, 1, D, Dp, &pf);
-        pf_rest(&pf);
-    }
-    pairs_flush(acc, ws->iacc, ws->wstep, Hq, D, Dp);
-}
-#endif
-
 // Writes the item's partial result: m[Hq] running max, l[Hq] sum of exp, acc[Hq, D] unnormalized.
 // Block by block (BT tokens): the K rows give every head's scores, one softmax update turns them
 // into weights, the accumulators are rescaled, and the V rows are added in. K and V are each
 // read once, front to back.
 FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int D, int dt, float scale,
-                            const Scratch *ws,
+                            float *sc, float *c,    // [BT, Hq], [Hq] scratch: the block's scores, rescaling
                             float *m, float *l,     // [Hq], [Hq]
                             float *acc) {           // [Hq, D]
     const int G = Hq / Hkv;
-    float *sc = ws->sc, *c = ws->c;
     const size_t head = (size_t)D * (dt == FD_F32 ? 4 : dt == FD_F16 ? 2 : 1), row = (size_t)Hkv * head;
     for (int h = 0; h < Hq; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
     memset(acc, 0, sizeof(float) * (size_t)Hq * D);
@@ -645,12 +497,6 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
         for (int h = 0; h < Hq; h++)
             if (c[h] != 1.0f)
                 for (int i = 0; i < D; i++) acc[(size_t)h * D + i] *= c[h];
-#if FD_VNNI
-        if (dt == FD_I8) {
-            block_values_q8(acc, ws, sq, b0, nb, t1, Hq, Hkv, NH, D, ahead, steps);
-            continue;
-        }
-#endif
         const int tv = NH == 1 ? TRV1 : TRV;
         for (int t = b0, n; t < b0 + nb; t += n) {  // V: every head's accumulator, tv rows at a time
             n = b0 + nb - t >= tv ? tv : 1;
@@ -684,11 +530,11 @@ static void merge_chunks(const float *m, const float *l, const float *acc, int n
 }
 
 // One instantiation per dtype and common head size: constant D unrolls the inner loops fully.
-typedef void (*chunk_fn)(const Seq *, int, int, int, int, int, float, const Scratch *, float *, float *, float *);
-#define CHUNK_FN(name, DD, DT)                                                                       \
-    static void name(const Seq *sq, int t0, int t1, int Hq, int Hkv, int D, float scale,              \
-                     const Scratch *ws, float *m, float *l, float *acc) {                             \
-        attend_chunk(sq, t0, t1, Hq, Hkv, DD ? DD : D, DT, scale, ws, m, l, acc);                     \
+typedef void (*chunk_fn)(const Seq *, int, int, int, int, int, float, float *, float *, float *, float *, float *);
+#define CHUNK_FN(name, DD, DT)                                                                     \
+    static void name(const Seq *sq, int t0, int t1, int Hq, int Hkv, int D, float scale, float *sc, \
+                     float *c, float *m, float *l, float *acc) {                                    \
+        attend_chunk(sq, t0, t1, Hq, Hkv, DD ? DD : D, DT, scale, sc, c, m, l, acc);                \
     }
 CHUNK_FN(chunk_f16_d64, 64, FD_F16)
 CHUNK_FN(chunk_f16_d128, 128, FD_F16)
@@ -789,9 +635,9 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
     const int n_items = make_items(lens, S, nthreads, total, &first, &items);
     if (n_items < 0) return n_items;
     // One allocation per call, none in the hot loop: partials, per-thread scores, q8 and its factors.
-    const size_t stride = scratch_floats(Hq, D);
+    const size_t stride = (size_t)Hq * (BT + 1) + 16;  // a thread's scores, apart by a line
     const size_t floats = (size_t)n_items * Hq * (2 + (size_t)D) + (size_t)nthreads * stride + 2 * (size_t)S * Hq;
-    float *ws = calloc(floats + (size_t)S * Hq * D / 4 + 1, sizeof(float));  // iacc starts at zero
+    float *ws = malloc(sizeof(float) * floats + (size_t)S * Hq * D);
     if (!ws) { free(first); free(items); return -3; }
     float *pm = ws, *pl = pm + (size_t)n_items * Hq, *pacc = pl + (size_t)n_items * Hq;
     float *scores = pacc + (size_t)n_items * Hq * D, *qmul = scores + (size_t)nthreads * stride;
@@ -807,9 +653,9 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
 #pragma omp parallel num_threads(nthreads)
     {
 #ifdef _OPENMP
-        const Scratch tws = scratch_at(scores + (size_t)omp_get_thread_num() * stride, Hq);
+        float *sc = scores + (size_t)omp_get_thread_num() * stride;
 #else
-        const Scratch tws = scratch_at(scores, Hq);
+        float *sc = scores;
 #endif
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_items; i++) {
@@ -817,7 +663,8 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
             const size_t qh = (size_t)s * Hq;
             const Seq sq = {q + qh * D, k[s], v[s], kv_dtype == FD_I8 ? ks[s] : NULL, kv_dtype == FD_I8 ? vs[s] : NULL,
                             q8 + qh * D, qmul + qh, qcorr + qh};
-            fn(&sq, items[i].t0, items[i].t1, Hq, Hkv, D, scale, &tws, pm + (size_t)i * Hq, pl + (size_t)i * Hq, pacc + (size_t)i * Hq * D);
+            fn(&sq, items[i].t0, items[i].t1, Hq, Hkv, D, scale, sc, sc + (size_t)Hq * BT,
+               pm + (size_t)i * Hq, pl + (size_t)i * Hq, pacc + (size_t)i * Hq * D);
         }
 #pragma omp for schedule(static)
         for (int sh = 0; sh < S * Hq; sh++) {
