@@ -6,13 +6,26 @@ WARN := -Wall -Wextra
 CFLAGS_FAST := -O3 -march=native -fopenmp -fPIC -shared $(WARN)
 CFLAGS_PORTABLE := -O3 -fopenmp -fPIC -shared $(WARN)
 
-.PHONY: all debug install test run bench clean
+.PHONY: all variants debug install test run bench clean
 
 # build attn_cpu.so (native, falling back to a portable build)
 all: attn_cpu.so
 
 attn_cpu.so: attn_cpu.c
 	$(CC) $(CFLAGS_FAST) -o $@ $< -lm || $(CC) $(CFLAGS_PORTABLE) -o $@ $< -lm
+
+# the kernel's other code paths, built for this CPU's tests (tests/test_kernel.py loads each):
+# AVX-512 without VNNI (int8 q.k by conversion), AVX2+F16C+FMA, and plain C (no SIMD at all)
+variants: attn_cpu_novnni.so attn_cpu_avx2.so attn_cpu_scalar.so
+
+attn_cpu_novnni.so: attn_cpu.c
+	$(CC) -O3 -march=native -mno-avx512vnni -fopenmp -fPIC -shared $(WARN) -o $@ $< -lm
+
+attn_cpu_avx2.so: attn_cpu.c
+	$(CC) -O3 -mavx2 -mfma -mf16c -fopenmp -fPIC -shared $(WARN) -o $@ $< -lm
+
+attn_cpu_scalar.so: attn_cpu.c
+	$(CC) -O3 -fopenmp -fPIC -shared $(WARN) -o $@ $< -lm
 
 # debug build beside the fast one (never in its place): no optimization, AddressSanitizer; then the kernel tests on it
 debug: attn_cpu.c
@@ -43,4 +56,4 @@ bench: install all
 
 # remove build outputs
 clean:
-	rm -f attn_cpu.so attn_cpu_debug.so
+	rm -f attn_cpu.so attn_cpu_debug.so attn_cpu_novnni.so attn_cpu_avx2.so attn_cpu_scalar.so

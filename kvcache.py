@@ -36,6 +36,16 @@ def parse_size(text):
     return n
 
 
+def quantize_int8(x):
+    """Symmetric int8 rows, one scale per token and head: x [..., Hkv, D] float ->
+    (int8 [..., Hkv, D], float32 scales [..., Hkv]) with x ~ scales[..., None] * int8. Each
+    element is off by at most scale / 2 = max|row| / 254; an all-zero row gets scale 0."""
+    x = np.asarray(x, dtype=np.float32)
+    scales = np.abs(x).max(axis=-1) / np.float32(127)
+    inv = np.divide(np.float32(1), scales, out=np.zeros_like(scales), where=scales > 0)
+    return np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8), scales
+
+
 class KVCacheFull(Exception):
     """The sequence does not fit in this worker's memory budget."""
 

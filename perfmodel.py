@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -33,7 +32,6 @@ backend.short_openmp_spin()  # measure as the engine runs (before torch loads li
 import calibrate as calib  # noqa: E402
 import kvcache  # noqa: E402
 import spart  # noqa: E402
-from calibrate import best_time, median_time  # noqa: E402,F401  (the benches time with these)
 
 
 def profile_path():

@@ -68,7 +68,7 @@ def load_kernel():
         lib = ctypes.CDLL(path)
         P = ctypes.c_void_p
         I = ctypes.c_int
-        lib.fd_decode_attention.argtypes = [P, P, P, P, I, I, I, I, I, ctypes.c_float, I, P]
+        lib.fd_decode_attention.argtypes = [P, P, P, P, P, P, I, I, I, I, I, ctypes.c_float, I, P]
         lib.fd_decode_attention.restype = I
         lib.fd_read_probe.argtypes, lib.fd_read_probe.restype = [P, ctypes.c_size_t, ctypes.c_int], ctypes.c_uint64
         lib.fd_simd.argtypes, lib.fd_simd.restype = [], ctypes.c_char_p
@@ -77,7 +77,7 @@ def load_kernel():
         return lib
 
 
-def kernel_info():  # {'simd': 'avx512' | 'avx2+f16c' | 'scalar', 'max_threads': n}
+def kernel_info():  # {'simd': 'avx512+vnni' | 'avx512' | 'avx2+f16c' | 'scalar', 'max_threads': n}
     lib = load_kernel()
     return {"simd": lib.fd_simd().decode(), "max_threads": lib.fd_max_threads()}
 
@@ -95,37 +95,61 @@ def _ptr(a):
     return a.__array_interface__["data"][0]
 
 
-def _check_kv(name, arrays, S, D):
-    """Validate keys or values; return (pointer array, lengths, dtype, Hkv)."""
-    if len(arrays) != S:
-        raise ValueError(f"{name}: expected {S} arrays (one per sequence), got {len(arrays)}")
-    ptrs, lens, dtype, hkv = np.empty(S, dtype=np.uintp), np.empty(S, dtype=np.int64), None, None
+KERNEL_DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2}  # attn_cpu.c's codes
+
+
+def _pointers(name, arrays, S, check):
+    """Check each of S arrays with check(i, a) and return their data pointers."""
+    if not hasattr(arrays, "__len__") or len(arrays) != S:
+        raise ValueError(f"{name}: expected {S} arrays (one per sequence), got "
+                         f"{len(arrays) if hasattr(arrays, '__len__') else type(arrays).__name__}")
+    ptrs = np.empty(S, dtype=np.uintp)
     for i, a in enumerate(arrays):
         if not isinstance(a, np.ndarray):
             raise ValueError(f"{name}[{i}]: expected a numpy array, got {type(a).__name__}")
+        check(i, a)
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name}[{i}]: not C-contiguous (the kernel reads it without a copy)")
+        ptrs[i] = _ptr(a)
+    return ptrs
+
+
+def _check_kv(name, arrays, S, D):
+    """Validate keys or values; return (pointer array, lengths, dtype, Hkv)."""
+    first = arrays[0] if hasattr(arrays, "__len__") and len(arrays) else None
+    dtype, hkv = getattr(first, "dtype", None), getattr(first, "shape", (0, 0))[1:2]
+
+    def check(i, a):
         if a.ndim != 3:
             raise ValueError(f"{name}[{i}]: expected shape [L, Hkv, D], got {a.shape}")
-        if a.dtype not in (np.float16, np.float32) or (dtype is not None and a.dtype != dtype):
-            raise ValueError(f"{name}[{i}]: dtype {a.dtype}; all must be float16 or all float32")
+        if a.dtype not in KERNEL_DTYPES or a.dtype != dtype:
+            raise ValueError(f"{name}[{i}]: dtype {a.dtype}; all must be float16, all float32 or all int8")
         if a.shape[0] < 1:
             raise ValueError(f"{name}[{i}]: empty sequence (L = 0)")
         if a.shape[2] != D:
             raise ValueError(f"{name}[{i}]: head dim {a.shape[2]} != q's {D}")
-        if hkv is not None and a.shape[1] != hkv:
-            raise ValueError(f"{name}[{i}]: {a.shape[1]} KV heads, earlier arrays have {hkv}")
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{name}[{i}]: not C-contiguous (the kernel reads it without a copy)")
-        dtype, hkv = a.dtype, a.shape[1]
-        ptrs[i], lens[i] = a.__array_interface__["data"][0], a.shape[0]
-    return ptrs, lens, dtype, hkv
+        if a.shape[1:2] != hkv:
+            raise ValueError(f"{name}[{i}]: {a.shape[1]} KV heads, earlier arrays have {hkv[0]}")
+    ptrs = _pointers(name, arrays, S, check)
+    return ptrs, np.array([a.shape[0] for a in arrays], dtype=np.int64), dtype, hkv[0]
 
 
-def decode_attention(q, keys, values, *, scale=None, num_threads=None, out=None):
+def _check_scales(name, scales, rows):
+    """int8 rows' scales: float32 [L_s, Hkv] per sequence, matching the rows; their pointers."""
+    def check(i, a):
+        if a.dtype != np.float32 or a.shape != rows[i].shape[:2]:
+            raise ValueError(f"{name}[{i}]: expected float32 {rows[i].shape[:2]} (one per token and KV head), "
+                             f"got {a.dtype} {a.shape}")
+    return _pointers(name, scales, len(rows), check)
+
+
+def decode_attention(q, keys, values, *, key_scales=None, value_scales=None, scale=None, num_threads=None, out=None):
     """o[s,h] = softmax(scale * q[s,h] . K_s[:, g]^T) . V_s[:, g] with g = h // (Hq/Hkv).
 
-    q: float32 [S, Hq, D]; keys, values: S C-contiguous arrays [L_s, Hkv, D], all float16 or all
-    float32. Returns float32 [S, Hq, D] (written into `out` when given). No copy of keys or
-    values is made.
+    q: float32 [S, Hq, D]; keys, values: S C-contiguous arrays [L_s, Hkv, D], all float16, all
+    float32 or all int8. int8 rows need key_scales and value_scales: S float32 [L_s, Hkv] each,
+    K_s = key_scales[s][..., None] * keys[s] (and so for V). Returns float32 [S, Hq, D] (written
+    into `out` when given). No copy of keys, values or scales is made.
     """
     if not isinstance(q, np.ndarray) or q.dtype != np.float32 or q.ndim != 3:
         raise ValueError(f"q: expected float32 [S, Hq, D], got "
@@ -140,6 +164,11 @@ def decode_attention(q, keys, values, *, scale=None, num_threads=None, out=None)
         raise ValueError("values: dtype, KV heads and lengths must match keys'")
     if Hq % hkv:
         raise ValueError(f"keys: Hq={Hq} is not a multiple of Hkv={hkv}")
+    ksp = vsp = None
+    if kdt == np.int8:
+        ksp, vsp = _check_scales("key_scales", key_scales, keys), _check_scales("value_scales", value_scales, values)
+    elif key_scales is not None or value_scales is not None:
+        raise ValueError(f"key_scales: only int8 keys and values have scales, these are {kdt}")
     if scale is None:
         scale = 1.0 / np.sqrt(D)
     if out is None:
@@ -149,21 +178,25 @@ def decode_attention(q, keys, values, *, scale=None, num_threads=None, out=None)
     lib = load_kernel()
     if 2 * int(klen.sum()) * hkv * D * kdt.itemsize < SMALL_CALL_BYTES:
         num_threads = 1
-    rc = lib.fd_decode_attention(_ptr(q), _ptr(kp), _ptr(vp), _ptr(klen), S, Hq, hkv, D, int(kdt == np.float16),
+    rc = lib.fd_decode_attention(_ptr(q), _ptr(kp), _ptr(vp), None if ksp is None else _ptr(ksp),
+                                 None if vsp is None else _ptr(vsp), _ptr(klen), S, Hq, hkv, D, KERNEL_DTYPES[kdt],
                                  float(scale), int(num_threads or 0), _ptr(out))
     if rc != 0:
         raise RuntimeError(f"fd_decode_attention: {_KERNEL_ERRORS.get(rc, rc)}")
     return out
 
 
-def reference_attention(q, keys, values, *, scale=None):
-    """The slow, obvious float64 version of decode_attention, for tests."""
+def reference_attention(q, keys, values, *, key_scales=None, value_scales=None, scale=None):
+    """The slow, obvious float64 version of decode_attention (int8 rows times their scales), for tests."""
     S, Hq, D = q.shape
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     out = np.empty((S, Hq, D), dtype=np.float64)
     for s in range(S):
         K = keys[s].astype(np.float64)    # [L, Hkv, D]
         V = values[s].astype(np.float64)  # [L, Hkv, D]
+        if key_scales is not None:
+            K *= key_scales[s][..., None]
+            V *= value_scales[s][..., None]
         G = Hq // K.shape[1]
         for h in range(Hq):
             scores = scale * (K[:, h // G, :] @ q[s, h].astype(np.float64))  # [L]
