@@ -2,7 +2,8 @@
 
 FastDecode splits each transformer layer at attention. The S-Part (embedding, norms, the QKV
 and output projections, rotary embedding, the MLP, the LM head) is compute-bound and gets more
-efficient with batch size, so it runs on the GPU (CPU float32 with torch when there is none).
+efficient with batch size, so it runs on the GPU (on the CPU with torch when there is none:
+bfloat16 where the CPU has bf16 instructions, float32 elsewhere; see choose_dtype).
 The R-Part (attention over each sequence's KV-cache) runs on CPU workers: see rpart.py.
 
 One decode step of layer l, as the engine drives it:
@@ -11,6 +12,10 @@ One decode step of layer l, as the engine drives it:
     o = <R-Part attention over the KV-cache>
     h = post_attn(l, h, o)                 # S-Part: output projection, residual, MLP
     logits = lm_head(h)                    # once, after the last layer
+
+Prompts take another path: prefill_batch runs the new tokens of many sequences (whole prompts,
+or chunks of long ones after their earlier chunks) in one packed forward with causal attention
+on the device, and returns each one's last logits and K/V for the workers.
 
 Models: OPT (learned positions, pre- or post-LN, project_in/out, ReLU MLP, tied head) and
 Llama (RMSNorm, rotary with llama3 scaling, SwiGLU, grouped-query attention, untied head).
@@ -179,14 +184,16 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def cpu_bf16_fast():
-    """Whether this CPU has bf16 dot-product instructions (AVX512_BF16 or AMX), which oneDNN
-    uses for torch's bf16 matmuls. Without them bf16 is emulated and slower than float32."""
+    """The name of this CPU's bf16 dot-product instructions (amx_bf16 or avx512_bf16), which
+    oneDNN uses for torch's bf16 matmuls, or None. Without them bf16 is emulated: slower than float32."""
+    if not torch.backends.mkldnn.is_available():
+        return None
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:  # not Linux: no cheap way to tell, stay safe
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return None
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
 
 
 def choose_dtype(cfg, device, dtype=None):
@@ -194,15 +201,16 @@ def choose_dtype(cfg, device, dtype=None):
 
     Measured on an AMD EPYC with AVX512_BF16, torch 2.13, 2 threads, F.linear 2048 -> 8192:
     bf16 189 / 255 / 391 GFLOP/s at 16 / 32 / 512 rows against float32 47 / 68 / 154 (and
-    2.3x faster at 1 row, where the read of the weights dominates); float16 matmuls on the CPU
-    are slower than float32. So bf16 where the CPU has bf16 instructions, float32 elsewhere.
+    1.2-2.3x faster at 1 row, where reading the weights dominates); float16 matmuls on the CPU
+    run at 44-46 GFLOP/s, slower than float32. So bf16 where the CPU has bf16 instructions, float32 elsewhere.
     """
     if dtype is not None:
         return (DTYPES[dtype] if isinstance(dtype, str) else dtype), "asked for"
     if device.type != "cpu":
         return (torch.float16 if cfg.family == "opt" else torch.bfloat16), f"{device.type} default"
-    if cpu_bf16_fast():
-        return torch.bfloat16, "CPU has bf16 instructions"
+    flag = cpu_bf16_fast()
+    if flag:
+        return torch.bfloat16, f"CPU has {flag}"
     return torch.float32, "CPU lacks bf16 instructions"
 
 

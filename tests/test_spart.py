@@ -310,11 +310,10 @@ def test_dtype_choice(monkeypatch):
     cfg, cpu = spart.KNOWN["opt-125m"][1], torch.device("cpu")
     assert spart.choose_dtype(cfg, cpu, "float32") == (torch.float32, "asked for")
     assert spart.choose_dtype(cfg, cpu, torch.bfloat16)[0] == torch.bfloat16
-    monkeypatch.setattr(spart, "cpu_bf16_fast", lambda: False)
+    monkeypatch.setattr(spart, "cpu_bf16_fast", lambda: None)
     assert spart.choose_dtype(cfg, cpu)[0] == torch.float32
-    monkeypatch.setattr(spart, "cpu_bf16_fast", lambda: True)
-    dt, why = spart.choose_dtype(cfg, cpu)
-    assert dt == torch.bfloat16 and "bf16" in why
+    monkeypatch.setattr(spart, "cpu_bf16_fast", lambda: "amx_bf16")
+    assert spart.choose_dtype(cfg, cpu) == (torch.bfloat16, "CPU has amx_bf16")
 
 
 def test_known_config_is_copied_not_shared():
