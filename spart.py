@@ -227,7 +227,8 @@ def default_device_dtype(cfg, device=None, dtype=None):
 @dataclasses.dataclass
 class LayerWeights:
     """One layer's weights, with the matmuls that read the same input stacked into one: fewer
-    torch calls per layer (each costs ~5-20 us of dispatch at batch 1) and one bigger matmul.
+    torch calls per layer (measured here at 1 row: an add 1 us, a layer_norm or a 64 x 64 bf16
+    linear ~16 us, before any arithmetic) and one bigger matmul.
     Norm 1 is before attention (after it in post-LN OPT), norm 2 before the MLP (after it).
 
     torch.compile of the per-layer S-Part does not pay on this CPU (torch 2.13, 1 thread, bf16,
@@ -264,11 +265,10 @@ def fuse_layer(cfg, w, layer):
             w[p + n + suffix], start = whole[start:start + rows], start + rows
         return whole
 
+    qkv = [f"self_attn.{x}_proj" for x in "qkv"]
     if cfg.family == "opt":
-        qkv = [f"self_attn.{x}_proj" for x in "qkv"]
         n1, n2, out, up, down = "self_attn_layer_norm", "final_layer_norm", "self_attn.out_proj", ["fc1"], "fc2"
     else:
-        qkv = [f"self_attn.{x}_proj" for x in "qkv"]
         n1, n2, out = "input_layernorm", "post_attention_layernorm", "self_attn.o_proj"
         up, down = ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj"
     g = lambda name: w.get(p + name)
