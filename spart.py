@@ -250,31 +250,64 @@ class LayerWeights:
     down_b: torch.Tensor | None
 
 
+def layer_names(cfg):
+    """LayerWeights field -> the checkpoint names (after "layers.{i}.", before ".weight"/".bias")
+    stacked into it, in order. The one place that knows which projections share a matmul."""
+    if cfg.family == "opt":
+        names = {"norm1": ["self_attn_layer_norm"], "out": ["self_attn.out_proj"], "norm2": ["final_layer_norm"],
+                 "up": ["fc1"], "down": ["fc2"]}
+    else:
+        names = {"norm1": ["input_layernorm"], "out": ["self_attn.o_proj"], "norm2": ["post_attention_layernorm"],
+                 "up": ["mlp.gate_proj", "mlp.up_proj"], "down": ["mlp.down_proj"]}
+    return {"qkv": [f"self_attn.{x}_proj" for x in "qkv"], **names}
+
+
+PACKED = ("qkv_w", "out_w", "up_w", "down_w")  # the LayerWeights matrices `prepack` reorders
+
+
 def fuse_layer(cfg, w, layer):
     """LayerWeights of one layer from the canonical weights `w`, whose entries for the stacked
     matrices are replaced by views into them (no second copy; `w` still reads as a checkpoint)."""
-    p = f"layers.{layer}."
+    p, fields = f"layers.{layer}.", {}
+    for field, names in layer_names(cfg).items():
+        for suffix, end in ((".weight", "_w"), (".bias", "_b")):
+            keys = [p + n + suffix for n in names]
+            if keys[0] not in w:
+                fields[field + end] = None
+                continue
+            whole = torch.cat([w[k] for k in keys]) if len(keys) > 1 else w[keys[0]]
+            start = 0
+            for k in keys:
+                rows = w[k].shape[0]
+                w[k], start = whole[start:start + rows], start + rows
+            fields[field + end] = whole
+    return LayerWeights(**fields)
 
-    def stack(names, suffix):
-        if p + names[0] + suffix not in w:
-            return None
-        whole = torch.cat([w[p + n + suffix] for n in names])
-        start = 0
-        for n in names:
-            rows = w[p + n + suffix].shape[0]
-            w[p + n + suffix], start = whole[start:start + rows], start + rows
-        return whole
 
-    qkv = [f"self_attn.{x}_proj" for x in "qkv"]
-    if cfg.family == "opt":
-        n1, n2, out, up, down = "self_attn_layer_norm", "final_layer_norm", "self_attn.out_proj", ["fc1"], "fc2"
-    else:
-        n1, n2, out = "input_layernorm", "post_attention_layernorm", "self_attn.o_proj"
-        up, down = ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj"
-    g = lambda name: w.get(p + name)
-    return LayerWeights(g(n1 + ".weight"), g(n1 + ".bias"), stack(qkv, ".weight"), stack(qkv, ".bias"),
-                        g(out + ".weight"), g(out + ".bias"), g(n2 + ".weight"), g(n2 + ".bias"),
-                        stack(up, ".weight"), stack(up, ".bias"), g(down + ".weight"), g(down + ".bias"))
+# --- bf16 weights in oneDNN's own layout (CPU) ---
+
+
+def can_prepack(device, dtype):
+    """Whether this torch has oneDNN's prepacked linear (the private ops torch.compile's CPU
+    backend uses when it freezes weights), and the weights are bf16 on the CPU."""
+    ops = torch.ops.mkldnn
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
+
+
+def prepack(w):
+    """w [out, in] bf16 -> the same matrix reordered once into oneDNN's blocked layout (an opaque
+    mkldnn tensor; .to_dense() gives w back). F.linear reorders bf16 weights on every call:
+    measured here, 1 thread, the prepacked linear is 1.3-1.6x faster at 1-32 rows (768 -> 3072
+    and 2048 -> 8192) with bit-identical results, and one opt-125m layer 1.4-1.8x faster."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, None)
+
+
+def linear(x, w, b=None):
+    """F.linear, through oneDNN's prepacked linear when w was prepacked. x [T, in] -> [T, out]."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
 
 
 # --- prefill: requests and results ---
@@ -311,18 +344,26 @@ class SPart:
     """The shared-weight half of the model on one device. `self.w`: the weights by canonical
     name (as read); `self.layers`: the same tensors, fused per layer, that the forward uses."""
 
-    def __init__(self, cfg, weights, device, dtype, tokenizer=None, source="random", dtype_why="asked for"):
+    def __init__(self, cfg, weights, device, dtype, tokenizer=None, source="random", dtype_why="asked for", pack=None):
         self.cfg, self.w, self.device, self.dtype, self.dtype_why = cfg, weights, device, dtype, dtype_why
         self.tokenizer, self.source = tokenizer, source
         self.layers = [fuse_layer(cfg, weights, i) for i in range(cfg.n_layers)]
+        self.packed = can_prepack(device, dtype) if pack is None else pack
+        if self.packed:  # the layers' matrices live only in oneDNN's layout; state_dict() unpacks
+            for i, lw in enumerate(self.layers):
+                for name in PACKED:
+                    setattr(lw, name, prepack(getattr(lw, name)))
+                for key in [k for k in weights if k.startswith(f"layers.{i}.") and weights[k].dim() == 2]:
+                    del weights[key]
         self.inv_freq = rope_inv_freq(cfg).to(device) if cfg.family == "llama" else None
         self.rope_cos, self.rope_sin = rope_tables(cfg, dtype, device) if cfg.family == "llama" else (None, None)
 
     @classmethod
-    def load(cls, model, *, device=None, dtype=None, seed=0, quiet=False):
+    def load(cls, model, *, device=None, dtype=None, seed=0, quiet=False, pack=None):
         """From a short name, hub repo id or directory; random weights (with a banner) when the
         checkpoint is not on disk. A directory that is named but missing is an error, and so is
-        a GGUF file (not read here). `dtype`: None (choose_dtype decides), a torch dtype or its name."""
+        a GGUF file (not read here). `dtype`: None (choose_dtype decides), a torch dtype or its name.
+        `pack`: None (prepack bf16 matrices when can_prepack), True or False."""
         if str(model).lower().endswith(".gguf"):
             raise ValueError(f"{model}: GGUF files are not read; convert it to a Hugging Face checkpoint "
                              "directory (config.json + safetensors) and pass that directory")
@@ -335,7 +376,7 @@ class SPart:
                 cfg = ModelConfig.from_hf(json.load(f))
             dev, dt, why = default_device_dtype(cfg, device, dtype)
             return cls(cfg, weights.load_weights(directory, cfg, dt, dev), dev, dt,
-                       weights.load_tokenizer(directory), directory, why)
+                       weights.load_tokenizer(directory), directory, why, pack)
         if model not in KNOWN:
             raise FileNotFoundError(f"{model}: not a directory, not in the Hugging Face cache "
                                     f"({hf_cache_dir()}), and not a known name ({', '.join(KNOWN)})")
@@ -344,7 +385,22 @@ class SPart:
         if not quiet:
             print(f"*** {model}: weights not on disk ({repo} not in {hf_cache_dir()}); using RANDOM weights. "
                   "Throughput is real, text is meaningless. ***", file=sys.stderr, flush=True)
-        return cls(cfg, weights.random_weights(cfg, dt, dev, seed), dev, dt, None, "random", why)
+        return cls(cfg, weights.random_weights(cfg, dt, dev, seed), dev, dt, None, "random", why, pack)
+
+    def state_dict(self):
+        """{canonical name: plain tensor}: every weight as a checkpoint names it (prepacked
+        matrices unpacked: a copy), e.g. to build a transformers twin of this model."""
+        out = dict(self.w)
+        if not self.packed:
+            return out
+        shapes = weights.expected_shapes(self.cfg)
+        for i, lw in enumerate(self.layers):
+            for field, names in layer_names(self.cfg).items():
+                keys = [f"layers.{i}.{n}.weight" for n in names]
+                if field + "_w" in PACKED:
+                    parts = getattr(lw, field + "_w").to_dense().split([shapes[k][0] for k in keys])
+                    out.update(zip(keys, parts))
+        return out
 
     # --- pieces ---
 
@@ -372,7 +428,7 @@ class SPart:
         c, lw = self.cfg, self.layers[layer]
         nq, nkv = c.n_heads, c.n_kv_heads
         x = self._norm(h, lw.norm1_w, lw.norm1_b) if c.family == "llama" or c.pre_ln else h
-        qkv = F.linear(x, lw.qkv_w, lw.qkv_b).view(h.shape[0], nq + 2 * nkv, c.head_dim)
+        qkv = linear(x, lw.qkv_w, lw.qkv_b).view(h.shape[0], nq + 2 * nkv, c.head_dim)
         if c.family == "llama":  # q and k are adjacent heads: one rotation for both
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [T, 1, D]
             qk = rope(qkv[:, :nq + nkv], cos, sin)
@@ -383,14 +439,14 @@ class SPart:
         """h [T, H] (this layer's input), o [T, Hq, D] attention output -> next layer's h [T, H]."""
         c, lw = self.cfg, self.layers[layer]
         o = o.reshape(h.shape[0], c.n_heads * c.head_dim).to(h.dtype)  # no-op when o is in h's dtype
-        h = h + F.linear(o, lw.out_w, lw.out_b)
+        h = h + linear(o, lw.out_w, lw.out_b)
         if c.family == "llama":
-            gate, up = F.linear(self._norm(h, lw.norm2_w, None), lw.up_w).chunk(2, dim=-1)  # [T, F] x2
-            return h + F.linear(F.silu(gate) * up, lw.down_w)
+            gate, up = linear(self._norm(h, lw.norm2_w, None), lw.up_w).chunk(2, dim=-1)  # [T, F] x2
+            return h + linear(F.silu(gate) * up, lw.down_w)
         if not c.pre_ln:
             h = self._norm(h, lw.norm1_w, lw.norm1_b)
         x = self._norm(h, lw.norm2_w, lw.norm2_b) if c.pre_ln else h
-        h = h + F.linear(F.relu(F.linear(x, lw.up_w, lw.up_b)), lw.down_w, lw.down_b)
+        h = h + linear(F.relu(linear(x, lw.up_w, lw.up_b)), lw.down_w, lw.down_b)
         return h if c.pre_ln else self._norm(h, lw.norm2_w, lw.norm2_b)
 
     def lm_head(self, h):
