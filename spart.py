@@ -13,9 +13,9 @@ One decode step of layer l, as the engine drives it:
     h = post_attn(l, h, o)                 # S-Part: output projection, residual, MLP
     logits = lm_head(h)                    # once, after the last layer
 
-Prompts take another path: prefill_batch runs the new tokens of many sequences (whole prompts,
-or chunks of long ones after their earlier chunks) in one packed forward with causal attention
-on the device, and returns each one's last logits and K/V for the workers.
+Prompts take another path (prefill.py, reached as SPart.prefill_batch): the new tokens of many
+sequences (whole prompts, or chunks of long ones after their earlier chunks) run in one packed
+forward with causal attention on the device, returning each one's last logits and K/V.
 
 Models: OPT (learned positions, pre- or post-LN, project_in/out, ReLU MLP, tied head) and
 Llama (RMSNorm, rotary with llama3 scaling, SwiGLU, grouped-query attention, untied head).
@@ -33,7 +33,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import prefill
 import weights
+from prefill import PrefillItem, PrefillResult  # noqa: F401  (the engine builds them as spart.PrefillItem)
 from weights import canonical_name, hf_cache_dir  # noqa: F401  (callers use spart.canonical_name)
 
 # --- configs ---
@@ -310,33 +312,6 @@ def linear(x, w, b=None):
     return F.linear(x, w, b)
 
 
-# --- prefill: requests and results ---
-
-
-@dataclasses.dataclass
-class PrefillItem:
-    """One sequence's chunk of prompt: tokens at positions start .. start + T - 1, attending to
-    the K/V of its earlier chunks (None for the first chunk, where start must be 0)."""
-    token_ids: list                       # T ints
-    start: int = 0
-    past_k: torch.Tensor | None = None    # [n_layers, start, Hkv, D] on the device, compute dtype
-    past_v: torch.Tensor | None = None
-
-
-@dataclasses.dataclass
-class PrefillResult:
-    logits: torch.Tensor                  # [V] float32: of the chunk's last token
-    k: torch.Tensor                       # [n_layers, T, Hkv, D] the chunk's keys, compute dtype
-    v: torch.Tensor                       # [n_layers, T, Hkv, D]
-
-
-def chunk_mask(start, T, device):
-    """[T, start + T] bool, True where query j (position start + j) may attend key s: s <= start + j.
-    (SDPA's is_causal aligns the triangle top-left, which is wrong when start > 0.)"""
-    keys = torch.arange(start + T, device=device)
-    return keys[None, :] <= (start + torch.arange(T, device=device))[:, None]
-
-
 # --- the S-Part ---
 
 
@@ -402,6 +377,18 @@ class SPart:
                     out.update(zip(keys, parts))
         return out
 
+    # --- prompts: see prefill.py ---
+
+    def prefill_batch(self, items):
+        """list of prefill.PrefillItem -> list of prefill.PrefillResult (prefill.prefill_batch)."""
+        return prefill.prefill_batch(self, items)
+
+    def prefill(self, token_ids):
+        """One whole prompt: token_ids (L ints) -> (logits of the last token [V] float32,
+        K [n_layers, L, Hkv, D], V [n_layers, L, Hkv, D]) in the compute dtype, on the device."""
+        r = prefill.prefill_batch(self, [prefill.PrefillItem(list(token_ids))])[0]
+        return r.logits, r.k, r.v
+
     # --- pieces ---
 
     def _norm(self, x, w, b):
@@ -461,79 +448,7 @@ class SPart:
             h = F.linear(h, self.w["project_out.weight"])
         return F.linear(h, self.w["embed_tokens.weight"]).float()
 
-    # --- prefill: many sequences' chunks in one packed forward ---
-
-    def check_prefill(self, items):
-        """ValueError naming the item when a chunk is empty, runs past max_pos, has a token id
-        outside [0, vocab_size), or its past K/V does not match its start."""
-        c = self.cfg
-        want = lambda start: (c.n_layers, start, c.n_kv_heads, c.head_dim)
-        for i, it in enumerate(items):
-            T = len(it.token_ids)
-            if T == 0 or it.start < 0 or it.start + T > c.max_pos:
-                raise ValueError(f"item {i}: {T} tokens from position {it.start} do not fit in 1..{c.max_pos}")
-            if min(it.token_ids) < 0 or max(it.token_ids) >= c.vocab_size:
-                bad = next(t for t in it.token_ids if not 0 <= t < c.vocab_size)
-                raise ValueError(f"item {i}: token id {bad} is outside the vocabulary [0, {c.vocab_size})")
-            for name, past in (("past_k", it.past_k), ("past_v", it.past_v)):
-                shape = None if past is None else tuple(past.shape)
-                if (it.start > 0 or past is not None) and shape != want(it.start):
-                    raise ValueError(f"item {i}: {name} is {shape}, a chunk at {it.start} needs {want(it.start)}")
-
-    def _attend(self, q, k, v, item, layer, mask):
-        """Causal attention of one chunk: q [T, Hq, D], k/v [T, Hkv, D] its own keys and values,
-        after item's past ones. Measured on this CPU (torch 2.13, 2 threads): SDPA is as fast in
-        bf16 as in float32, so it runs in the compute dtype; given [1, heads, T, D] views it is
-        3.7x faster than given [heads, T, D] at T = 1024; a chunk's explicit mask costs no more
-        than is_causal per query."""
-        if item.past_k is not None:
-            k, v = torch.cat([item.past_k[layer], k]), torch.cat([item.past_v[layer], v])  # [start + T, Hkv, D]
-        heads_first = lambda x: x[None].transpose(1, 2)                                    # [1, heads, tokens, D]
-        o = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), attn_mask=mask,
-                                           is_causal=mask is None, enable_gqa=q.shape[1] != k.shape[1])
-        return o[0].transpose(0, 1)                                                        # [T, Hq, D]
-
-    @torch.inference_mode()
-    def prefill_batch(self, items):
-        """Prefill chunks of many sequences at once: list of PrefillItem -> list of PrefillResult.
-
-        The chunks' tokens are packed into one [N = sum T, H] batch, so the projections and the
-        MLP run once for all of them; attention runs per chunk. Measured here against the two
-        alternatives, 16 prompts of 128 tokens, bf16: per chunk 12.5 ms a layer, one SDPA with a
-        block-diagonal mask 317 ms (it computes all N x N scores), padded to the longest 15 ms
-        (and 2x per chunk at mixed lengths).
-        """
-        c, dev = self.cfg, self.device
-        self.check_prefill(items)
-        lens = [len(it.token_ids) for it in items]
-        offs = [0]
-        for T in lens:
-            offs.append(offs[-1] + T)
-        ids = torch.tensor([t for it in items for t in it.token_ids], dtype=torch.long, device=dev)
-        pos = torch.cat([torch.arange(it.start, it.start + T) for it, T in zip(items, lens)]).to(dev)
-        masks = [None if it.start == 0 else chunk_mask(it.start, T, dev) for it, T in zip(items, lens)]
-        Ks = [torch.empty(c.n_layers, T, c.n_kv_heads, c.head_dim, dtype=self.dtype, device=dev) for T in lens]
-        Vs = [torch.empty_like(K) for K in Ks]
-        o = torch.empty(offs[-1], c.n_heads, c.head_dim, dtype=self.dtype, device=dev)   # [N, Hq, D]
-        h = self.embed(ids, pos)                                                          # [N, H]
-        for layer in range(c.n_layers):
-            q, k, v = self.pre_attn(layer, h, pos)
-            for i, it in enumerate(items):
-                a, b = offs[i], offs[i + 1]
-                Ks[i][layer], Vs[i][layer] = k[a:b], v[a:b]
-                o[a:b] = self._attend(q[a:b], Ks[i][layer], Vs[i][layer], it, layer, masks[i])
-            h = self.post_attn(layer, h, o)
-        logits = self.lm_head(h[torch.tensor(offs[1:], device=dev) - 1])                 # [items, V]
-        return [PrefillResult(logits[i], Ks[i], Vs[i]) for i in range(len(items))]
-
-    def prefill(self, token_ids):
-        """One whole prompt: token_ids (L ints) -> (logits of the last token [V] float32,
-        K [n_layers, L, Hkv, D], V [n_layers, L, Hkv, D]) in the compute dtype, on the device."""
-        r = self.prefill_batch([PrefillItem(list(token_ids))])[0]
-        return r.logits, r.k, r.v
-
-
-# --- measuring: what one layer and one prefill cost (bench.py and perfmodel.py call these) ---
+# --- measuring: what one layer costs (bench.py and perfmodel.py can call it) ---
 
 
 @torch.inference_mode()
@@ -553,12 +468,3 @@ def layer_seconds(sp, batch, reps=20):
         sp.post_attn(layer, h, o)[0, 0].item()                                 # .item() waits for a GPU
         times.append(time.perf_counter() - t)
     return sorted(times[2:])[reps // 2]
-
-
-def prefill_seconds(sp, batch, prompt_len, seed=0):
-    """Seconds to prefill `batch` random prompts of `prompt_len` tokens in one prefill_batch."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(4, sp.cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
-    t = time.perf_counter()
-    sp.prefill_batch([PrefillItem(p) for p in prompts])[0].logits[0].item()
-    return time.perf_counter() - t
