@@ -10,6 +10,7 @@ import fastdecode
 import kvcache
 import rpart
 import spart
+import weights
 
 KINDS = ["opt-preln", "opt-postln-proj", "opt-preln-proj", "llama-mha", "llama-gqa", "llama3-rope"]
 PROMPTS = [[2, 17, 45, 99, 3, 200, 7], [2, 80], [2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 100, 101, 102]]
@@ -306,15 +307,34 @@ def test_fused_weights_are_views_of_the_checkpoint_names(checkpoint):
     assert torch.equal(lw.up_w[sp.cfg.ffn:], w["layers.1.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("kind", ["opt-postln-proj", "llama-gqa"])
+def test_prepacked_bf16_equals_plain_and_unpacks(checkpoint, kind):
+    d, model = checkpoint(kind)
+    if not spart.can_prepack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    packed, plain = spart.SPart.load(d, dtype="bfloat16", pack=True), spart.SPart.load(d, dtype="bfloat16", pack=False)
+    assert packed.layers[0].qkv_w.is_mkldnn and not plain.layers[0].qkv_w.is_mkldnn
+    items = [spart.PrefillItem(p) for p in MIXED]
+    for a, b in zip(packed.prefill_batch(items), plain.prefill_batch(items)):
+        # the same oneDNN bf16 arithmetic in another weight layout: bit-identical here; allowed
+        # one bf16 rounding (2^-8) of the largest value, in case another CPU's kernel sums in another order
+        for x, y, what in ((a.logits, b.logits, "logits"), (a.k, b.k, "K"), (a.v, b.v, "V")):
+            assert_close(x, y, f"{kind} packed vs plain {what}", tol=2 ** -8)
+    theirs = {spart.canonical_name(n): t for n, t in model.state_dict().items()}
+    ours = packed.state_dict()
+    for name, t in ours.items():
+        assert torch.equal(t, theirs[name].to(torch.bfloat16)), name
+    assert set(ours) == set(weights.expected_shapes(packed.cfg))
+
+
 def test_dtype_choice(monkeypatch):
     cfg, cpu = spart.KNOWN["opt-125m"][1], torch.device("cpu")
     assert spart.choose_dtype(cfg, cpu, "float32") == (torch.float32, "asked for")
     assert spart.choose_dtype(cfg, cpu, torch.bfloat16)[0] == torch.bfloat16
-    monkeypatch.setattr(spart, "cpu_bf16_fast", lambda: False)
+    monkeypatch.setattr(spart, "cpu_bf16_fast", lambda: None)
     assert spart.choose_dtype(cfg, cpu)[0] == torch.float32
-    monkeypatch.setattr(spart, "cpu_bf16_fast", lambda: True)
-    dt, why = spart.choose_dtype(cfg, cpu)
-    assert dt == torch.bfloat16 and "bf16" in why
+    monkeypatch.setattr(spart, "cpu_bf16_fast", lambda: "amx_bf16")
+    assert spart.choose_dtype(cfg, cpu) == (torch.bfloat16, "CPU has amx_bf16")
 
 
 def test_known_config_is_copied_not_shared():
