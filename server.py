@@ -24,6 +24,7 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET 
 GET /metrics (Prometheus text, `fastdecode:` names after vLLM's `vllm:` ones).
 """
 import argparse
+import sys
 import asyncio
 import dataclasses
 import hmac
@@ -256,7 +257,7 @@ def parse_args(argv=None):
     a("--worker-hosts", default=None, help="comma-separated host:port of running workers (instead of spawning)")
     a("--secret-file", default=None, help="shared secret for workers beyond loopback")
     a("--device", default=None, help="S-Part device (default: cuda if available, else cpu)")
-    a("--dtype", default=None, help="S-Part dtype (default: fp16/bf16 on CUDA, float32 on CPU)")
+    a("--dtype", default=None, help="S-Part dtype (default: fp16/bf16 on CUDA; on a CPU bf16 where it has bf16 instructions, else float32)")
     a("--kv-dtype", default="float16", choices=["float16", "float32"], help="KV-cache element type")
     a("--kv-mem", default=None, help="KV memory budget per worker (default: the engine's)")
     a("--worker-threads", type=int, default=None, help="attention threads per local worker")
@@ -265,6 +266,8 @@ def parse_args(argv=None):
     a("--schedule", default="stabilized", choices=["stabilized", "naive"], help="admission policy")
     a("--max-batch", type=int, default=None, help="most sequences running at once (default: the engine's)")
     a("--kv-cap", type=int, default=0, help="cap on the running batch's KV tokens (0: none)")
+    a("--max-prefill-tokens", type=int, default=None,
+      help="prompt tokens prefilled per step at most: a long prompt takes several steps while others decode")
     a("--log-level", default="info", help="uvicorn's log level")
     args = p.parse_args(argv)
     if not is_loopback(args.host) and not args.api_key:
@@ -272,20 +275,29 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def warm_up(llm):
+    """One tiny request before the first user's: the first pass through torch and the workers
+    pays one-time costs (kernel selection, page faults) that would land on someone's TTFT."""
+    llm.generate([[llm.spart.cfg.bos_id]], max_new_tokens=2, ignore_eos=True, progress=False)
+
+
+def serve(args):
     import torch
     import uvicorn
 
     import fastdecode
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    secret = open(args.secret_file, "rb").read().strip() if args.secret_file else None
-    kv_mem = {"kv_mem": args.kv_mem} if args.kv_mem else {}
+    secret = None
+    if args.secret_file:
+        with open(args.secret_file, "rb") as f:
+            secret = f.read().strip()
+    optional = {k: v for k, v in (("kv_mem", args.kv_mem), ("max_prefill_tokens", args.max_prefill_tokens)) if v}
     with fastdecode.LLM(args.model, workers=args.workers, device=args.device, dtype=args.dtype,
                         worker_hosts=args.worker_hosts.split(",") if args.worker_hosts else None,
-                        kv_dtype=args.kv_dtype, pipeline=args.pipeline, **kv_mem,
+                        kv_dtype=args.kv_dtype, pipeline=args.pipeline, **optional,
                         worker_threads=fastdecode.default_threads(args, device), schedule=args.schedule,
                         max_batch=args.max_batch, kv_cap=args.kv_cap, secret=secret, quiet=True) as llm:
+        warm_up(llm)
         metrics = Metrics()
         metrics.describe(llm)
         s = Serving(llm, EngineLoop(llm, metrics), metrics, args.served_model_name or args.model,
@@ -295,5 +307,16 @@ def main(argv=None):
                     timeout_graceful_shutdown=5)
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    import fastdecode
+    try:
+        serve(args)
+    except (ValueError, MemoryError, OSError, fastdecode.backend.WorkerStartError) as e:  # no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
