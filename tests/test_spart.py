@@ -2,13 +2,13 @@
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
 import fastdecode
 import kvcache
 import rpart
+import fast
 import spart
 import weights
 
@@ -310,7 +310,7 @@ def test_fused_weights_are_views_of_the_checkpoint_names(checkpoint):
 @pytest.mark.parametrize("kind", ["opt-postln-proj", "llama-gqa"])
 def test_prepacked_bf16_equals_plain_and_unpacks(checkpoint, kind):
     d, model = checkpoint(kind)
-    if not spart.can_prepack(torch.device("cpu"), torch.bfloat16):
+    if not fast.can_prepack(torch.device("cpu"), torch.bfloat16):
         pytest.skip("this torch has no oneDNN prepacked linear")
     packed, plain = spart.SPart.load(d, dtype="bfloat16", pack=True), spart.SPart.load(d, dtype="bfloat16", pack=False)
     assert packed.layers[0].qkv_w.is_mkldnn and not plain.layers[0].qkv_w.is_mkldnn
@@ -329,12 +329,12 @@ def test_prepacked_bf16_equals_plain_and_unpacks(checkpoint, kind):
 
 def test_dtype_choice(monkeypatch):
     cfg, cpu = spart.KNOWN["opt-125m"][1], torch.device("cpu")
-    assert spart.choose_dtype(cfg, cpu, "float32") == (torch.float32, "asked for")
-    assert spart.choose_dtype(cfg, cpu, torch.bfloat16)[0] == torch.bfloat16
-    monkeypatch.setattr(spart, "cpu_bf16_fast", lambda: None)
-    assert spart.choose_dtype(cfg, cpu)[0] == torch.float32
-    monkeypatch.setattr(spart, "cpu_bf16_fast", lambda: "amx_bf16")
-    assert spart.choose_dtype(cfg, cpu) == (torch.bfloat16, "CPU has amx_bf16")
+    assert fast.choose_dtype(cfg, cpu, "float32") == (torch.float32, "asked for")
+    assert fast.choose_dtype(cfg, cpu, torch.bfloat16)[0] == torch.bfloat16
+    monkeypatch.setattr(fast, "cpu_bf16_fast", lambda: None)
+    assert fast.choose_dtype(cfg, cpu)[0] == torch.float32
+    monkeypatch.setattr(fast, "cpu_bf16_fast", lambda: "amx_bf16")
+    assert fast.choose_dtype(cfg, cpu) == (torch.bfloat16, "CPU has amx_bf16")
 
 
 def test_known_config_is_copied_not_shared():
