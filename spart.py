@@ -212,6 +212,8 @@ class SPart:
             raise ValueError(f"{model}: GGUF files are not read; convert it to a Hugging Face checkpoint "
                              "directory (config.json + safetensors) and pass that directory")
         looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1
+        if looks_like_path and os.path.isfile(model):
+            raise FileNotFoundError(f"{model}: a file, not a checkpoint directory (config.json + weights)")
         if looks_like_path and not os.path.isdir(model):
             raise FileNotFoundError(f"{model}: no such model directory")
         directory, repo = locate(model)
