@@ -33,6 +33,11 @@
 // loop that only touched the bytes reached 0.5-0.75 of the read bandwidth column-wise and
 // 0.97-1.0 row-wise; with the kernel's arithmetic between the loads even row-wise reading needs
 // the software prefetches (without them: 0.6 of read at one thread).
+// They go to L2 (prefetcht1), not L1: on the Zen 4 host of issue 15 a prefetcht0 holds one of
+// L1's few miss buffers until its line arrives, which capped one core at ~10-13 GB/s from memory,
+// 0.35-0.47 of read, whatever the distance; prefetcht1 (or t2, the same here) leaves the L1 to
+// the loads and gave 1.7-2.0x for OPT-1.3b fp16 from memory and 1.3-1.5x for Llama-3-8b (A/B in
+// one process, 1 and 2 threads). Distances 8, 16, 32 and 64 KiB: within the noise; 16 kept.
 
 // Legend: S sequences, Hq query heads, Hkv KV heads, G = Hq/Hkv, D head dim, L cached length.
 // Built by `make` into attn_cpu.so and loaded by rpart.py through ctypes.
@@ -77,6 +82,9 @@ enum { FD_F32 = 0, FD_F16 = 1, FD_I8 = 2 };  // KV element types, as rpart.py pa
 #endif
 #ifndef PF_AHEAD
 #define PF_AHEAD 16384  // bytes: how far ahead of its use each row is prefetched (at least a tile)
+#endif
+#ifndef PF_LOCALITY
+#define PF_LOCALITY 2  // prefetcht1: into L2 (see "Prefetch" above: t0 is bound by L1 miss buffers here)
 #endif
 #define MAX_D 256
 #define MIN_CHUNK 128 // tokens; smaller chunks cost more in merging than they win in balance
@@ -126,7 +134,7 @@ typedef struct {
 typedef struct { const char *p; size_t at, end; int per; } Pf;
 
 FD_INLINE void pf_lines(Pf *f, int n) {
-    for (int j = 0; j < n && f->at < f->end; j++, f->at += 64) __builtin_prefetch(f->p + f->at, 0, 3);
+    for (int j = 0; j < n && f->at < f->end; j++, f->at += 64) __builtin_prefetch(f->p + f->at, 0, PF_LOCALITY);
 }
 FD_INLINE void pf_step(Pf *f) { pf_lines(f, f->per); }
 FD_INLINE void pf_rest(Pf *f) { pf_lines(f, INT32_MAX); }
