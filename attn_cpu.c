@@ -145,6 +145,8 @@ FD_INLINE void pf_lines(Pf *f, int n) {
 // A step's `per` lines with one check for the lot: checking the end per line (as pf_lines does)
 // cost 9 instructions per 64-byte line, against 4 (2 conversions, 2 FMAs) for using it. The last
 // step may run up to per - 1 lines past `end`: a prefetch never faults, and they are few.
+// Tried and not kept: a fully unrolled run when `per` equals a step's own lines (a constant for
+// G == NH): fewer instructions, the same time (A/B, 1 thread, in cache and from memory, +-2%).
 FD_INLINE void pf_step(Pf *f) {
     if (f->at >= f->end) return;
     const char *p = f->p + f->at;
@@ -306,7 +308,9 @@ FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t
 
 // acc[h] += sum over the TT rows t of p[t * Hq + h] * v_t[h / G] (times the row's scale for
 // int8): each accumulator vector loaded and stored once for the TT rows, each V vector
-// converted once for the NH heads sharing it.
+// converted once for the NH heads sharing it. Tried for GQA: 8 rows per tile with the weights
+// as broadcast memory operands (half the accumulator loads and stores): no faster (Llama-3-8b
+// in cache 1.02x, from memory 0.98x): with 4 query heads per KV head the FMAs bind.
 FD_INLINE void rows_accumulate(float *restrict acc, const float *restrict p, const char *v, const float *vs, size_t row,
                                int TT, size_t head, int Hq, int Hkv, int NH, int D, int dt, Pf *pf) {
     const uint64_t gm = div_magic(Hq / Hkv);
