@@ -33,6 +33,11 @@
 // loop that only touched the bytes reached 0.5-0.75 of the read bandwidth column-wise and
 // 0.97-1.0 row-wise; with the kernel's arithmetic between the loads even row-wise reading needs
 // the software prefetches (without them: 0.6 of read at one thread).
+// They go to L2 (prefetcht1), not L1: on the Zen 4 host of issue 15 a prefetcht0 holds one of
+// L1's few miss buffers until its line arrives, which capped one core at ~10-13 GB/s from memory,
+// 0.35-0.47 of read, whatever the distance; prefetcht1 (or t2, the same here) leaves the L1 to
+// the loads and gave 1.7-2.0x for OPT-1.3b fp16 from memory and 1.3-1.5x for Llama-3-8b (A/B in
+// one process, 1 and 2 threads). Distances 8, 16, 32 and 64 KiB: within the noise; 16 kept.
 
 // Legend: S sequences, Hq query heads, Hkv KV heads, G = Hq/Hkv, D head dim, L cached length.
 // Built by `make` into attn_cpu.so and loaded by rpart.py through ctypes.
@@ -78,6 +83,9 @@ enum { FD_F32 = 0, FD_F16 = 1, FD_I8 = 2 };  // KV element types, as rpart.py pa
 #ifndef PF_AHEAD
 #define PF_AHEAD 16384  // bytes: how far ahead of its use each row is prefetched (at least a tile)
 #endif
+#ifndef PF_LOCALITY
+#define PF_LOCALITY 2  // prefetcht1: into L2 (see "Prefetch" above: t0 is bound by L1 miss buffers here)
+#endif
 #define MAX_D 256
 #define MIN_CHUNK 128 // tokens; smaller chunks cost more in merging than they win in balance
 
@@ -107,6 +115,12 @@ FD_INLINE float kv_at(const void *p, int i, int dt) {
     return dt == FD_I8 ? (float)((const int8_t *)p)[i] : ((const float *)p)[i];
 }
 
+// h / G without a division instruction in the head loops: m = ceil(2^32 / G), and (h * m) >> 32
+// is exact while h * G < 2^32, which Hq <= 65535 guarantees (checked at the entry). The idiv per
+// head step (~10-20 cycles on Zen 4, with the loads' addresses waiting on it) was in every tile.
+FD_INLINE uint64_t div_magic(int G) { return ((1ULL << 32) + (uint64_t)G - 1) / (uint64_t)G; }
+FD_INLINE int div_g(int h, uint64_t m) { return (int)(((uint64_t)h * m) >> 32); }
+
 // The scales of an int8 tile's rows are [TT, Hkv] floats; head h of row t is scaled by this.
 FD_INLINE float kv_scale(const float *s, int t, int Hkv, int h, int G) { return s[(size_t)t * Hkv + h / G]; }
 
@@ -126,9 +140,20 @@ typedef struct {
 typedef struct { const char *p; size_t at, end; int per; } Pf;
 
 FD_INLINE void pf_lines(Pf *f, int n) {
-    for (int j = 0; j < n && f->at < f->end; j++, f->at += 64) __builtin_prefetch(f->p + f->at, 0, 3);
+    for (int j = 0; j < n && f->at < f->end; j++, f->at += 64) __builtin_prefetch(f->p + f->at, 0, PF_LOCALITY);
 }
-FD_INLINE void pf_step(Pf *f) { pf_lines(f, f->per); }
+// A step's `per` lines with one check for the lot: checking the end per line (as pf_lines does)
+// cost 9 instructions per 64-byte line, against 4 (2 conversions, 2 FMAs) for using it. The last
+// step may run up to per - 1 lines past `end`: a prefetch never faults, and they are few.
+// Tried and not kept: a fully unrolled run when `per` equals a step's own lines (a constant for
+// G == NH): fewer instructions, the same time (A/B, 1 thread, in cache and from memory, +-2%).
+FD_INLINE void pf_step(Pf *f) {
+    if (f->at >= f->end) return;
+    const char *p = f->p + f->at;
+#pragma GCC unroll 4
+    for (int j = 0; j < f->per; j++) __builtin_prefetch(p + 64 * (size_t)j, 0, PF_LOCALITY);
+    f->at += 64 * (size_t)f->per;
+}
 FD_INLINE void pf_rest(Pf *f) { pf_lines(f, INT32_MAX); }
 
 // The prefetches for a tile of rows [t, t + n) of base: rows [t + ahead, t + ahead + n), cut at
@@ -183,13 +208,14 @@ FD_INLINE __m512i hsum_lane(__m512i j) {
 FD_INLINE void tile_dots(__m512 a[16], const float *restrict q, const char *k, size_t row, int TT, size_t head,
                          int h0, int Hq, int G, int NH, int D, int dt, Pf *pf) {
     const int HG = 16 / TT;
+    const uint64_t gm = div_magic(G);
 #pragma GCC unroll 16
     for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
 #pragma GCC unroll 16
     for (int u = 0; u < HG / NH; u++) {
         const int h = h0 + u * NH;
         if (h >= Hq) break;
-        const char *kh = k + (size_t)(h / G) * head;
+        const char *kh = k + (size_t)div_g(h, gm) * head;
         pf_step(pf);
         for (int i = 0; i < D; i += 16) {
             const __mmask16 m = mask_for(D - i);
@@ -212,6 +238,7 @@ FD_INLINE void tile_dots(__m512 a[16], const float *restrict q, const char *k, s
 FD_INLINE void tile_dots_q8(__m512 a[16], const int8_t *restrict q8, const char *k, size_t row, int TT, size_t head,
                             int h0, int Hq, int G, int NH, int D, Pf *pf) {
     const int HG = 16 / TT;
+    const uint64_t gm = div_magic(G);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512i ai[16];
 #pragma GCC unroll 16
@@ -220,7 +247,7 @@ FD_INLINE void tile_dots_q8(__m512 a[16], const int8_t *restrict q8, const char 
     for (int u = 0; u < HG / NH; u++) {
         const int h = h0 + u * NH;
         if (h >= Hq) break;
-        const char *kh = k + (size_t)(h / G) * head;
+        const char *kh = k + (size_t)div_g(h, gm) * head;
         pf_step(pf);
         for (int i = 0; i < D; i += 64) {  // masked-off bytes: q8 = 0 there, so they add 0
             const __mmask64 m = D - i >= 64 ? ~0ULL : (1ULL << (D - i)) - 1;
@@ -281,19 +308,22 @@ FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t
 
 // acc[h] += sum over the TT rows t of p[t * Hq + h] * v_t[h / G] (times the row's scale for
 // int8): each accumulator vector loaded and stored once for the TT rows, each V vector
-// converted once for the NH heads sharing it.
+// converted once for the NH heads sharing it. Tried for GQA: 8 rows per tile with the weights
+// as broadcast memory operands (half the accumulator loads and stores): no faster (Llama-3-8b
+// in cache 1.02x, from memory 0.98x): with 4 query heads per KV head the FMAs bind.
 FD_INLINE void rows_accumulate(float *restrict acc, const float *restrict p, const char *v, const float *vs, size_t row,
                                int TT, size_t head, int Hq, int Hkv, int NH, int D, int dt, Pf *pf) {
-    const int G = Hq / Hkv;
+    const uint64_t gm = div_magic(Hq / Hkv);
     for (int h = 0; h < Hq; h += NH) {
-        const char *vh = v + (size_t)(h / G) * head;
+        const int hk = div_g(h, gm);  // the KV head of heads h .. h + NH - 1 (NH divides G)
+        const char *vh = v + (size_t)hk * head;
         pf_step(pf);
         __m512 pj[4][4];
 #pragma GCC unroll 4
         for (int t = 0; t < TT; t++)
 #pragma GCC unroll 4
             for (int j = 0; j < NH; j++)
-                pj[t][j] = _mm512_set1_ps(p[(size_t)t * Hq + h + j] * (dt == FD_I8 ? kv_scale(vs, t, Hkv, h + j, G) : 1.0f));
+                pj[t][j] = _mm512_set1_ps(p[(size_t)t * Hq + h + j] * (dt == FD_I8 ? vs[(size_t)t * Hkv + hk] : 1.0f));
         for (int i = 0; i < D; i += 16) {
             const __mmask16 m = mask_for(D - i);
             __m512 a[4];
@@ -621,7 +651,7 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
                         int S, int Hq, int Hkv, int D, int kv_dtype, float scale,
                         int nthreads,                // <= 0: all
                         float *o) {                  // [S, Hq, D] out
-    if (S < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || D < 8 || D % 8 || D > MAX_D) return -1;
+    if (S < 1 || Hq < 1 || Hq > 65535 || Hkv < 1 || Hq % Hkv || D < 8 || D % 8 || D > MAX_D) return -1;
     if (kv_dtype < FD_F32 || kv_dtype > FD_I8 || (kv_dtype == FD_I8 && (!ks || !vs))) return -1;
     int64_t total = 0;
     for (int s = 0; s < S; s++) {
