@@ -154,6 +154,7 @@ def bench_model(args):
     runs = itertools.chain(engine_per_model(MODEL_CONFIGS), engine_per_model(MODEL_CONFIGS_INT8, "int8"))
     for llm, model, B, P, prompts in runs:
         kv = llm.kv_cfg.dtype
+        llm.max_prefill_tokens = B * P  # all prompts in one step: every decode step runs at batch B, as predicted
         measured = max(run_engine(llm, prompts, args.gen_len)["decode_tok_s"] for _ in range(args.rounds))
         step, parts = perfmodel.host_step(prof, llm.spart.cfg, B, P + args.gen_len / 2, kv_dtype=kv)
         row = {"model": model, "batch": B, "prompt": P, "kv_dtype": kv, "predicted_tok_s": B / step, "measured_tok_s": measured}
