@@ -9,6 +9,7 @@ of the physical limit (GB/s of KV read over the memory read bandwidth measured h
     python bench.py model                       # the performance model vs measured throughput
     python bench.py trace FILE                  # text picture of one step of a --trace file
     python bench.py serve --request-rate 4      # a running server.py under Poisson arrivals
+    python bench.py kv-accuracy                 # int8 vs float16 KV on real text: logits, greedy tokens
 """
 import argparse
 import json
@@ -17,6 +18,7 @@ import sys
 import backend
 
 backend.short_openmp_spin()  # as the engine runs (before torch loads libgomp): see there
+import bench_accuracy  # noqa: E402
 import bench_e2e  # noqa: E402
 import bench_kernel  # noqa: E402
 import bench_serve  # noqa: E402
@@ -74,10 +76,11 @@ def main(argv=None):
     t.add_argument("--layers", type=int, default=3, help="draw layers 0..N-1 of it")
     t.add_argument("--width", type=int, default=96, help="columns")
     bench_serve.add_parser(sub)
+    bench_accuracy.add_parser(sub)
     args = p.parse_args(argv)
     {"kernel": bench_kernel.bench_kernel, "rpc": bench_kernel.bench_rpc, "e2e": bench_e2e.bench_e2e,
      "model": bench_e2e.bench_model, "trace": bench_trace,
-     "serve": bench_serve.bench_serve}[args.what](args)
+     "serve": bench_serve.bench_serve, "kv-accuracy": bench_accuracy.bench_kv_accuracy}[args.what](args)
 
 
 if __name__ == "__main__":

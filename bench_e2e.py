@@ -6,6 +6,7 @@ generate() on the same weights and prompts, alternating, and prints the ratios.
 engine's measured one (after `python perfmodel.py calibrate`).
 """
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -66,14 +67,14 @@ def workload(llm, B, P):
     """Run the engine's batches at B (naive admission: the whole batch at once, as generate()
     does, prefilled in one packed forward) and make B random prompts of P tokens (seeded by P)."""
     llm.sched_cfg = dataclasses.replace(llm.sched_cfg, max_batch=B, policy="naive")
-    llm.max_prefill_tokens = B * P
+    llm.max_prefill_tokens = B * P  # so every decode step runs at batch B (as bench model's prediction assumes)
     rng = np.random.default_rng(P)
     return [rng.integers(4, llm.spart.cfg.vocab_size, P).tolist() for _ in range(B)]
 
 
-def engine_per_model(configs, dtype=None):
+def engine_per_model(configs, dtype=None, kv_dtype="float16"):
     """(llm, model, B, P, prompts) for each (model, B, P) config: one engine per model (one local
-    worker), closed when done with."""
+    worker, KV of kv_dtype), closed when done with."""
     import fastdecode
     llm, loaded = None, None
     try:
@@ -81,7 +82,7 @@ def engine_per_model(configs, dtype=None):
             if loaded != model:
                 if llm:
                     llm.close()
-                llm, loaded = fastdecode.LLM(model, workers=1, dtype=dtype, quiet=True), model
+                llm, loaded = fastdecode.LLM(model, workers=1, dtype=dtype, kv_dtype=kv_dtype, quiet=True), model
             yield llm, model, B, P, workload(llm, B, P)
     finally:
         if llm:
@@ -203,6 +204,7 @@ def real_checkpoint(args):
 # --- bench model ---
 
 MODEL_CONFIGS = [("opt-125m", 16, 128), ("opt-125m", 16, 1024), ("opt-1.3b", 4, 128), ("opt-1.3b", 16, 256)]
+MODEL_CONFIGS_INT8 = [("opt-125m", 16, 1024)]   # the longest KV of the fp16 rows: the R-Part's share is largest
 
 
 def bench_model(args):
@@ -212,16 +214,19 @@ def bench_model(args):
         raise SystemExit(f"no profile at {perfmodel.profile_path()}: run `python perfmodel.py calibrate` first")
     print(f"profile {perfmodel.profile_path()}: read {prof['read_gbs']:.1f} GB/s, kernel fp16 {prof['kernel']['float16']:.1f} GB/s, "
           f"S-Part on {prof['device']}. Engine: 1 local worker, serial, naive admission, gen {args.gen_len}")
-    hdr = f"{'model':<9}{'B':>3}{'prompt':>7} | {'predicted':>9} {'measured':>9} tok/s | {'error':>6} | {'S':>6} {'R':>6} {'X':>6} ms (pred)"
+    hdr = (f"{'model':<9}{'B':>3}{'prompt':>7} {'KV':>7} | {'predicted':>9} {'measured':>9} tok/s | {'error':>6} | "
+           f"{'S':>6} {'R':>6} {'X':>6} ms (pred)")
     print(hdr + "\n" + "-" * len(hdr))
     rows = []
-    for llm, model, B, P, prompts in engine_per_model(MODEL_CONFIGS):
+    runs = itertools.chain(engine_per_model(MODEL_CONFIGS), engine_per_model(MODEL_CONFIGS_INT8, kv_dtype="int8"))
+    for llm, model, B, P, prompts in runs:
+        kv = llm.kv_cfg.dtype
         measured = max(run_engine(llm, prompts, args.gen_len)["decode_tok_s"] for _ in range(args.rounds))
-        step, parts = perfmodel.host_step(prof, llm.spart.cfg, B, P + args.gen_len / 2)
-        row = {"model": model, "batch": B, "prompt": P, "predicted_tok_s": B / step, "measured_tok_s": measured}
+        step, parts = perfmodel.host_step(prof, llm.spart.cfg, B, P + args.gen_len / 2, kv_dtype=kv)
+        row = {"model": model, "batch": B, "prompt": P, "kv_dtype": kv, "predicted_tok_s": B / step, "measured_tok_s": measured}
         row["rel_error"] = abs(row["predicted_tok_s"] - measured) / measured
         rows.append(row)
-        print(f"{model:<9}{B:>3}{P:>7} | {row['predicted_tok_s']:9.1f} {measured:9.1f}       | {100 * row['rel_error']:5.1f}% | "
+        print(f"{model:<9}{B:>3}{P:>7} {kv:>7} | {row['predicted_tok_s']:9.1f} {measured:9.1f}       | {100 * row['rel_error']:5.1f}% | "
               f"{parts['s'] * 1e3:6.1f} {parts['r'] * 1e3:6.1f} {parts['x'] * 1e3:6.1f}", flush=True)
     print(json.dumps({"max_rel_error": round(max(r["rel_error"] for r in rows), 4),
                       "rows": rows if args.json else len(rows)}))

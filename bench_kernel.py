@@ -16,7 +16,7 @@ import backend
 backend.short_openmp_spin()  # as the engine runs (before torch loads libgomp): see there
 import kvcache  # noqa: E402
 import rpart  # noqa: E402
-from calibrate import best_time  # noqa: E402  (imports torch)
+from calibrate import best_time, incache_gbs, int8_rows, kv_bytes  # noqa: E402  (imports torch)
 
 # --- timing helpers ---
 
@@ -52,28 +52,6 @@ def torch_sdpa_timer(q, K, V, dtype, threads):
     f = torch.nn.functional.scaled_dot_product_attention
     with torch.inference_mode():
         return best_time(lambda: f(tq, tk, tv, enable_gqa=gqa))
-
-
-def int8_rows(K, V):
-    """int8 copies of K, V and the decode_attention keywords that carry their scales."""
-    (K8, ks), (V8, vs) = zip(*map(kvcache.quantize_int8, K)), zip(*map(kvcache.quantize_int8, V))
-    return list(K8), list(V8), {"key_scales": list(ks), "value_scales": list(vs)}
-
-
-def kv_bytes(K, V, scales=None):
-    """Bytes the kernel reads for these rows: K and V, and the int8 rows' scales."""
-    return sum(a.nbytes for a in (*K, *V, *(scales or {}).get("key_scales", ()), *(scales or {}).get("value_scales", ())))
-
-
-def incache_gbs(q, K, V, threads, scales=None, budget=512 * 2**10):
-    """The kernel's compute ceiling: GB/s of KV on rows that stay in L2. Every sequence of the
-    batch points at the same few tokens (K and V together within `budget` bytes), so the call is
-    as long as a real one but reads memory only once."""
-    L = max(1, budget // (2 * K[0][0].nbytes))
-    K1, V1 = [K[0][:L].copy()] * len(K), [V[0][:L].copy()] * len(V)
-    sc = None if scales is None else {n: [a[0][:L].copy()] * len(a) for n, a in scales.items()}
-    t = best_time(lambda: rpart.decode_attention(q, K1, V1, num_threads=threads, **(sc or {})))
-    return kv_bytes(K1, V1, sc) / t / 1e9
 
 
 def kernel_row(model, S, L, threads, probe_buf, rng):

@@ -46,6 +46,31 @@ def median_time(fn, reps=7):
     return float(np.median(times))
 
 
+# --- the kernel's rows, bytes and in-cache rate (bench_kernel.py shares these) ---
+
+
+def int8_rows(K, V):
+    """int8 copies of K, V and the decode_attention keywords that carry their scales."""
+    (K8, ks), (V8, vs) = zip(*map(kvcache.quantize_int8, K)), zip(*map(kvcache.quantize_int8, V))
+    return list(K8), list(V8), {"key_scales": list(ks), "value_scales": list(vs)}
+
+
+def kv_bytes(K, V, scales=None):
+    """Bytes the kernel reads for these rows: K and V, and the int8 rows' scales."""
+    return sum(a.nbytes for a in (*K, *V, *(scales or {}).get("key_scales", ()), *(scales or {}).get("value_scales", ())))
+
+
+def incache_gbs(q, K, V, threads, scales=None, budget=512 * 2**10):
+    """The kernel's compute ceiling: GB/s of KV on rows that stay in L2. Every sequence of the
+    batch points at the same few tokens (K and V together within `budget` bytes), so the call is
+    as long as a real one but reads memory only once."""
+    L = max(1, budget // (2 * K[0][0].nbytes))
+    K1, V1 = [K[0][:L].copy()] * len(K), [V[0][:L].copy()] * len(V)
+    sc = None if scales is None else {n: [a[0][:L].copy()] * len(a) for n, a in scales.items()}
+    t = best_time(lambda: rpart.decode_attention(q, K1, V1, num_threads=threads, **(sc or {})))
+    return kv_bytes(K1, V1, sc) / t / 1e9
+
+
 # --- measuring ---
 
 
@@ -57,14 +82,22 @@ def read_bandwidth(threads, nbytes=1 << 28):
 
 
 def measure_kernel(threads, S=16, L=1024, Hkv=32, D=64):
-    """The kernel's GB/s of KV read (fp16, fp32) and the fixed cost of one call."""
+    """The kernel's GB/s of KV read from memory (fp16, fp32, int8 with its scales), its GB/s on
+    rows that stay in L2 (`incache`, fp16 and int8: its compute ceiling, which binds on a host
+    whose cores are slow for its memory), and the fixed cost of one call."""
     rng = np.random.default_rng(0)
     q = rng.standard_normal((S, Hkv, D), dtype=np.float32)
-    out = {}
-    for dt in ("float16", "float32"):
-        K, V = ([rng.standard_normal((L, Hkv, D), dtype=np.float32).astype(dt) for _ in range(S)] for _ in "KV")
-        t = median_time(lambda: rpart.decode_attention(q, K, V, num_threads=threads), 15)
-        out[dt] = 2 * S * L * Hkv * D * np.dtype(dt).itemsize / t / 1e9
+    K32, V32 = ([rng.standard_normal((L, Hkv, D), dtype=np.float32) for _ in range(S)] for _ in "KV")
+    out = {"incache": {}}
+    for dt in ("float16", "float32", "int8"):
+        if dt == "int8":
+            K, V, sc = int8_rows(K32, V32)
+        else:
+            K, V, sc = [a.astype(dt) for a in K32], [a.astype(dt) for a in V32], {}
+        t = median_time(lambda: rpart.decode_attention(q, K, V, num_threads=threads, **sc), 15)
+        out[dt] = kv_bytes(K, V, sc) / t / 1e9
+        if dt != "float32":
+            out["incache"][dt] = incache_gbs(q, K, V, threads, sc or None)
     k1 = [np.ones((1, Hkv, D), np.float16)]
     out["call_s"] = best_time(lambda: rpart.decode_attention(q[:1], k1, k1, num_threads=threads), 50)
     return out

@@ -71,7 +71,7 @@ class WorkerClient:
         self.call(wire.ADD, (seq, capacity))
 
     def fill(self, seq, layer, K, V):
-        """K, V [L, Hkv, D] of one layer, in the KV dtype."""
+        """K, V [L, Hkv, D] of one layer, in the cache's row dtype (float16 for int8)."""
         self.call(wire.FILL, (seq, layer, K.shape[0]), (np.ascontiguousarray(K), np.ascontiguousarray(V)))
 
     def add_filled(self, seq, capacity, K, V):

@@ -124,7 +124,7 @@ class LLM:
         else:
             self.backend = backend.LocalBackend(self.kv_cfg, worker_threads)
         self.stats = StepStats()
-        self.decode_step = DecodeStep(self.spart, self.backend, self.kv_cfg.dtype, self.stats, trace)
+        self.decode_step = DecodeStep(self.spart, self.backend, self.kv_cfg.row_dtype, self.stats, trace)
         self.requests = {}       # request id -> Request, from add_request until it finishes
         self.prefilling = []     # admitted Requests whose prefill is not finished, oldest first
         self.outbox = []         # RequestOutputs made since the last step() returned
@@ -292,7 +292,7 @@ class LLM:
     def _place(self, r):
         """Prefill done: K/V to the worker with the most free KV, and the first token sampled
         (unless the sequence had its tokens already: a re-prefill after a worker loss)."""
-        p, dt = r.prefill, self.kv_cfg.dtype
+        p, dt = r.prefill, self.kv_cfg.row_dtype   # float16 for an int8 cache: quantized where stored
         self.backend.add(r.idx, to_host(p.k, dt), to_host(p.v, dt), r.capacity)
         r.prefill = None
         self.prefilling.remove(r)

@@ -82,7 +82,7 @@ def report(llm, outs, wall, args, prof=None):
     rep = {
         "model": args.model, "requests": len(outs), "generated_tokens": gen, "workers": n_workers,
         "pipeline": llm.pipeline, "schedule": llm.sched_cfg.policy, "dtype": str(llm.spart.dtype).replace("torch.", ""),
-        "kv_dtype": llm.kv_cfg.dtype, "decode_tok_s": st.decode_tokens / max(1e-9, st.decode_wall),
+        "kv_dtype": llm.kv_cfg.dtype, "kv_bytes_per_token": llm.kv_cfg.bytes_per_token, "decode_tok_s": st.decode_tokens / max(1e-9, st.decode_wall),
         "prefill_tok_s": st.prefill_tokens / max(1e-9, st.prefill_wall), "total_tok_s": gen / max(1e-9, wall),
         "wall_s": wall, "prefill_s": st.prefill_wall, "decode_s": st.decode_wall,
         "step_ms_p50": float(np.percentile(steps, 50)), "step_ms_p99": float(np.percentile(steps, 99)),
@@ -100,7 +100,8 @@ def print_report(llm, rep):
     st, b = llm.stats, rep["step_ms_breakdown"]
     print(f"\n{rep['model']}: {rep['requests']} requests, {rep['generated_tokens']} tokens in {rep['wall_s']:.1f} s "
           f"({rep['workers']} worker(s), {'pipelined' if llm.pipeline else 'serial'}, {rep['schedule']})")
-    print(f"  S-Part       {llm.spart.device.type} {rep['dtype']} ({getattr(llm.spart, 'dtype_why', '')}); KV {rep['kv_dtype']}")
+    print(f"  S-Part       {llm.spart.device.type} {rep['dtype']} ({getattr(llm.spart, 'dtype_why', '')}); "
+          f"KV {rep['kv_dtype']} ({rep['kv_bytes_per_token']} bytes per token{', scales included' if llm.kv_cfg.quantized else ''})")
     print(f"  throughput   decode {rep['decode_tok_s']:.1f} tok/s, prefill {rep['prefill_tok_s']:.0f} tok/s, "
           f"total {rep['total_tok_s']:.1f} tok/s")
     print(f"  time         prefill {st.prefill_wall:.1f} s, decode {st.decode_wall:.1f} s; "
@@ -133,7 +134,8 @@ def parse_args(argv=None):
     a("--kv-cap", type=int, default=None, help="cap on the running batch's KV tokens (default: from the perf model, else none)")
     a("--max-prefill-tokens", type=int, default=None,
       help=f"prompt tokens prefilled per step at most (default: from the perf model, else {DEFAULT_PREFILL_TOKENS})")
-    a("--kv-dtype", default="float16", choices=["float16", "float32"], help="KV-cache element type")
+    a("--kv-dtype", default="float16", choices=kvcache.KV_DTYPES,
+      help="KV-cache element type; int8: per-token, per-head float32 scales, half fp16's bytes")
     a("--kv-mem", default=kvcache.DEFAULT_KV_MEM, help="KV memory budget per worker")
     a("--device", default=None, help="S-Part device (default: cuda if available, else cpu)")
     a("--dtype", default=None, help="S-Part dtype (default: fp16/bf16 on CUDA, float32 on CPU)")

@@ -6,6 +6,12 @@ sized for prompt + max new tokens, so a sequence never grows mid-generation and 
 refused at admission, never mid-step. K and V of layer l are `[capacity, Hkv, D]` C-contiguous;
 the kernel reads the first L rows of each as views, without copies.
 
+KV dtypes: float16, float32, or int8. An int8 block holds int8 rows plus one float32 scale per
+token and KV head for K and for V (`[2, n_layers, capacity, Hkv]`, symmetric: x ~ scale * row);
+rows arrive as float16 (`KVConfig.row_dtype`) and are quantized here as they are written, so the
+engine, the wire and the in-process loop all hand the same float16 rows to the same rounding.
+The scales count in the capacity accounting: 2 * (D + 4) bytes per token, head and layer.
+
 Writes name their position (`write(seq, layer, pos, k, v)`), so a step that is retried after a
 worker failure overwrites instead of appending twice.
 
@@ -46,6 +52,10 @@ def quantize_int8(x):
     return np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8), scales
 
 
+KV_DTYPES = ("float16", "float32", "int8")   # what a KVConfig accepts (the CLIs' --kv-dtype)
+SCALE_BYTES = 4                               # an int8 row's float32 scale
+
+
 class KVCacheFull(Exception):
     """The sequence does not fit in this worker's memory budget."""
 
@@ -55,25 +65,38 @@ class KVConfig:
     n_layers: int
     n_kv_heads: int                # Hkv
     head_dim: int                  # D
-    dtype: str = "float16"         # or "float32"
-    mem_bytes: int = parse_size(DEFAULT_KV_MEM)  # budget for K and V of all sequences
+    dtype: str = "float16"         # or "float32", "int8"
+    mem_bytes: int = parse_size(DEFAULT_KV_MEM)  # budget for K and V of all sequences (and scales)
 
     def __post_init__(self):
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"KV dtype must be float16 or float32, got {self.dtype!r}")
+        if self.dtype not in KV_DTYPES:
+            raise ValueError(f"KV dtype must be one of {', '.join(KV_DTYPES)}, got {self.dtype!r}")
         if min(self.n_layers, self.n_kv_heads, self.head_dim, self.mem_bytes) < 1:
             raise ValueError(f"KVConfig fields must be positive: {self}")
 
     @property
+    def quantized(self):
+        return self.dtype == "int8"
+
+    @property
+    def row_dtype(self):
+        """The dtype fill/write take rows in (and the wire carries): the KV dtype, or float16
+        for int8, quantized here (half the bytes of float32 on the wire, and exact in float32)."""
+        return "float16" if self.quantized else self.dtype
+
+    @property
     def bytes_per_token(self):
-        """K and V of one token over all layers."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+        """K and V of one token over all layers, with an int8 row's scale (llama-2-7b: fp16
+        512 KiB, int8 2*32*32*(128 + 4) = 264 KiB)."""
+        row = self.head_dim * np.dtype(self.dtype).itemsize + (SCALE_BYTES if self.quantized else 0)
+        return 2 * self.n_layers * self.n_kv_heads * row
 
 
 class KVCache:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.blocks = {}    # seq id -> [2, n_layers, capacity, Hkv, D]
+        self.blocks = {}    # seq id -> [2, n_layers, capacity, Hkv, D] of the KV dtype
+        self.scales = {}    # seq id -> [2, n_layers, capacity, Hkv] float32 (int8 caches only)
         self.lengths = {}   # seq id -> int64 [n_layers]: rows written per layer
         self.reserved = 0   # bytes promised to admitted sequences
 
@@ -93,12 +116,15 @@ class KVCache:
         c = self.cfg
         # np.empty reserves address space; pages are touched only as tokens are written.
         self.blocks[seq] = np.empty((2, c.n_layers, capacity, c.n_kv_heads, c.head_dim), dtype=c.dtype)
+        if c.quantized:
+            self.scales[seq] = np.empty((2, c.n_layers, capacity, c.n_kv_heads), dtype=np.float32)
         self.lengths[seq] = np.zeros(c.n_layers, dtype=np.int64)
         self.reserved += capacity * c.bytes_per_token
 
     def free(self, seq):
         block = self.blocks.pop(self._check(seq))
         del self.lengths[seq]
+        self.scales.pop(seq, None)
         self.reserved -= block.shape[2] * self.cfg.bytes_per_token
 
     # --- reading and writing ---
@@ -111,6 +137,16 @@ class KVCache:
     def capacity(self, seq):
         return self.blocks[self._check(seq)].shape[2]
 
+    def _store(self, seq, layer, rows, K, V):
+        """K, V [n, Hkv, D] into `rows` (a slice or an index) of layer: as they are, or quantized."""
+        if self.cfg.quantized:
+            (K, ks), (V, vs) = quantize_int8(K), quantize_int8(V)
+            self.scales[seq][0, layer, rows] = ks
+            self.scales[seq][1, layer, rows] = vs
+        block = self.blocks[seq]
+        block[0, layer, rows] = K
+        block[1, layer, rows] = V
+
     def fill(self, seq, layer, K, V):
         """Prefilled K, V [L, Hkv, D] of one layer (the worker receives one layer per frame)."""
         block = self.blocks[self._check(seq)]
@@ -122,27 +158,43 @@ class KVCache:
                              f"[L, {block.shape[3]}, {block.shape[4]}]")
         if not 1 <= L <= block.shape[2]:
             raise KVCacheFull(f"sequence {seq}: prefill of {L} tokens outside capacity {block.shape[2]}")
-        block[0, layer, :L] = K
-        block[1, layer, :L] = V
+        self._store(seq, layer, slice(0, L), K, V)
         self.lengths[seq][layer] = L
 
     def write(self, seq, layer, pos, k, v):
         """k, v [Hkv, D] at row pos of layer; pos <= rows written so far (no holes)."""
-        block, n = self.blocks[self._check(seq)], self.lengths[seq]
-        if not 0 <= layer < block.shape[1]:
-            raise ValueError(f"layer {layer} out of range [0, {block.shape[1]})")
-        if not 0 <= pos <= n[layer]:
-            raise ValueError(f"sequence {seq} layer {layer}: position {pos} but {n[layer]} rows written")
-        if pos >= block.shape[2]:
-            raise KVCacheFull(f"sequence {seq}: position {pos} exceeds capacity {block.shape[2]}")
-        block[0, layer, pos] = k
-        block[1, layer, pos] = v
-        n[layer] = pos + 1
+        self.write_batch(layer, [seq], [pos], k[None], v[None])
+
+    def write_batch(self, layer, seqs, positions, k, v):
+        """Row positions[i] of layer for each sequence: k, v [S, Hkv, D] (one decode step).
+        Every sequence is checked before anything is written, so a bad request changes nothing;
+        an int8 cache quantizes the S rows in one call, not S."""
+        for s, pos in zip(seqs, positions):
+            block, n = self.blocks[self._check(s)], self.lengths[s]
+            if not 0 <= layer < block.shape[1]:
+                raise ValueError(f"layer {layer} out of range [0, {block.shape[1]})")
+            if not 0 <= pos <= n[layer]:
+                raise ValueError(f"sequence {s} layer {layer}: position {pos} but {n[layer]} rows written")
+            if pos >= block.shape[2]:
+                raise KVCacheFull(f"sequence {s}: position {pos} exceeds capacity {block.shape[2]}")
+        if self.cfg.quantized:
+            (k, ks), (v, vs) = quantize_int8(k), quantize_int8(v)
+        for i, (s, pos) in enumerate(zip(seqs, positions)):
+            self.blocks[s][0, layer, pos] = k[i]
+            self.blocks[s][1, layer, pos] = v[i]
+            if self.cfg.quantized:
+                self.scales[s][:, layer, pos] = ks[i], vs[i]
+            self.lengths[s][layer] = pos + 1
 
     def views(self, seq, layer, length):
         """K, V [length, Hkv, D] of layer: views into the block, no copy."""
         block = self.blocks[self._check(seq)]
         return block[0, layer, :length], block[1, layer, :length]
+
+    def scale_views(self, seq, layer, length):
+        """An int8 cache's K and V scales [length, Hkv] float32 of layer: views, no copy."""
+        sc = self.scales[self._check(seq)]
+        return sc[0, layer, :length], sc[1, layer, :length]
 
     # --- accounting ---
 

@@ -2,16 +2,17 @@
 
 FastDecode's answer to inter-device heterogeneity (He & Zhai, 2024, section 5): the S-Part's time
 depends on the batch size (roofline: FLOPs over the GPU's rate, weight bytes over its memory
-bandwidth), the R-Part's on the total KV tokens (KV bytes over the CPUs' memory bandwidth), the
-transfer on q, k, v, o bytes over the link. With two micro-batches of B/2 sequences, a step takes
-two stages, each as long as the slower side: step = 2 * max(S(B/2), R(B/2) + X(B/2)).
+bandwidth), the R-Part's on the total KV tokens (KV bytes over the CPUs' memory bandwidth; int8
+KV has about half of fp16's bytes, scales included), the transfer on q, k, v, o bytes over the
+link. With two micro-batches of B/2 sequences, a step takes two stages, each as long as the
+slower side: step = 2 * max(S(B/2), R(B/2) + X(B/2)).
 A GPU-only server (vLLM-style) keeps the KV on the GPU: its batch is capped by free GPU memory.
 
     python perfmodel.py predict --model llama-2-7b --gpu a10 --cpu-nodes 4 --prompt-len 1024 --gen-len 256
     python perfmodel.py predict --model llama-2-7b --gpu a10 --sweep cpu-nodes --json
 
-`calibrate` (calibrate.py) measures this machine (memory read bandwidth, the kernel's GB/s, the
-S-Part's time against batch size, loopback latency and bandwidth) into a JSON profile;
+`calibrate` (calibrate.py) measures this machine (memory read bandwidth, the kernel's GB/s per KV
+dtype from memory and in cache, the S-Part's time against batch size, loopback latency and bandwidth) into a JSON profile;
 `host_step` predicts a step of the engine on it, and `plan` turns that into the engine's batch
 size and KV cap.
 
@@ -74,9 +75,10 @@ EFF = {"matmul": 0.6, "gpu_mem": 0.8, "cpu_mem": 0.8}   # achieved fraction of t
 # --- the model ---
 
 
-def kv_bytes_per_token(cfg, kv_bytes=2):
-    """K and V of one token over all layers (llama-2-7b, fp16: 2*32*32*128*2 = 512 KiB)."""
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_bytes
+def kv_bytes_per_token(cfg, kv_dtype="float16"):
+    """K and V of one token over all layers, as a worker's store counts them (llama-2-7b: fp16
+    2*32*32*128*2 = 512 KiB; int8 2*32*32*(128 + 4) = 264 KiB with its float32 scales)."""
+    return kvcache.KVConfig(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_dtype).bytes_per_token
 
 
 def s_time(cfg, b, gpu, w_bytes=2):
@@ -85,9 +87,9 @@ def s_time(cfg, b, gpu, w_bytes=2):
     return max(flops / (gpu.tflops * 1e12 * EFF["matmul"]), cfg.weight_count() * w_bytes / (gpu.mem_gbs * 1e9 * EFF["gpu_mem"]))
 
 
-def r_time(cfg, kv_tokens, cpu, nodes, kv_bytes=2, call_overhead_s=50e-6):
+def r_time(cfg, kv_tokens, cpu, nodes, kv_dtype="float16", call_overhead_s=50e-6):
     """R-Part of one step over kv_tokens spread evenly on `nodes` CPU nodes."""
-    read = kv_tokens * kv_bytes_per_token(cfg, kv_bytes) / (nodes * cpu.mem_gbs * 1e9 * EFF["cpu_mem"])
+    read = kv_tokens * kv_bytes_per_token(cfg, kv_dtype) / (nodes * cpu.mem_gbs * 1e9 * EFF["cpu_mem"])
     return read + cfg.n_layers * call_overhead_s
 
 
@@ -154,17 +156,28 @@ def s_host_time(prof, cfg, b):
     return ts[-1] + (b - bs[-1]) * (ts[-1] - ts[-2]) / (bs[-1] - bs[-2])  # linear beyond the last
 
 
+def kernel_rates(prof, kv_dtype):
+    """The kernel's GB/s for kv_dtype on this machine: (from memory, in cache or None). A profile
+    from before int8 and in-cache rates were measured falls back: int8 on fp16's GB/s, and no
+    in-cache ceiling (the from-memory rate alone)."""
+    kern = prof["kernel"]
+    return kern.get(kv_dtype, kern["float16"]), kern.get("incache", {}).get(kv_dtype)
+
+
 def host_step(prof, cfg, b, mean_len, *, kv_dtype="float16", pipelined=False):
     """Predicted decode step (seconds) of fastdecode.py with b sequences of mean KV length
     mean_len, on the machine `prof` describes -> (seconds, parts {s, r, x}). Serial when the two
-    sides share the cores: S + R + X; pipelined: two stages of max(S, R + X) of b/2 each."""
-    kern, lo = prof["kernel"], prof["loopback"]
-    n = cfg.n_layers
+    sides share the cores: S + R + X; pipelined: two stages of max(S, R + X) of b/2 each.
+    The R-Part reads its KV bytes at the kernel's calibrated rate, or at its in-cache rate
+    (its compute ceiling) where that is the slower one: on a host whose cores are slow for its
+    memory the instructions bind, not the bytes."""
+    lo, n = prof["loopback"], cfg.n_layers
+    from_mem, in_cache = kernel_rates(prof, kv_dtype)
 
     def parts(b):
         s = s_host_time(prof, cfg, b)
-        kv = b * mean_len * kv_bytes_per_token(cfg, 2 if kv_dtype == "float16" else 4)
-        r = kv / (kern[kv_dtype] * 1e9) + n * kern["call_s"]
+        kv = b * mean_len * kv_bytes_per_token(cfg, kv_dtype)
+        r = max(kv / (from_mem * 1e9), kv / (in_cache * 1e9) if in_cache else 0.0) + n * prof["kernel"]["call_s"]
         wire = b * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * 4  # q, o fp32; k, v (upper bound)
         x = n * (wire / (lo["gbs"] * 1e9) + lo["rpc_call_s"] + lo["rpc_per_seq_s"] * b)
         return s, r, x
@@ -179,7 +192,7 @@ def plan(prof, cfg, prompt, gen, *, kv_mem_bytes, workers=1, pipelined=False, kv
     """The engine's batch size and KV cap on this machine: the smallest batch within 5% of the
     best predicted throughput that fits the workers' KV memory; pipelined, the KV cap is where a
     micro-batch's R-Part time meets its S-Part time (more KV would leave the S side idle)."""
-    per_seq = (prompt + gen) * kv_bytes_per_token(cfg, 2 if kv_dtype == "float16" else 4)
+    per_seq = (prompt + gen) * kv_bytes_per_token(cfg, kv_dtype)
     cap = max(1, min(max_batch, int(workers * kv_mem_bytes // per_seq)))
     mean_len = prompt + gen / 2
     tput = {b: b / host_step(prof, cfg, b, mean_len, kv_dtype=kv_dtype, pipelined=pipelined)[0]
@@ -222,7 +235,8 @@ def cmd_calibrate(a):
         json.dump(prof, f, indent=1)
     k, s, lo = prof["kernel"], prof["spart"], prof["loopback"]
     print(f"memory read {prof['read_gbs']:.1f} GB/s; kernel fp16 {k['float16']:.1f} GB/s, fp32 {k['float32']:.1f} GB/s, "
-          f"{k['call_s'] * 1e6:.0f} us per call")
+          f"int8 {k['int8']:.1f} GB/s (scales counted), {k['call_s'] * 1e6:.0f} us per call; in cache (its compute "
+          f"ceiling) fp16 {k['incache']['float16']:.1f} GB/s, int8 {k['incache']['int8']:.1f} GB/s")
     print(f"loopback: {lo['latency_s'] * 1e6:.0f} us round trip, {lo['gbs']:.2f} GB/s; a decode call costs "
           f"{lo['rpc_call_s'] * 1e6:.0f} us + {lo['rpc_per_seq_s'] * 1e6:.1f} us/sequence beyond the kernel")
     print(f"S-Part on {prof['device']} ({prof['dtype']}): {s['per_weight_s'] * 1e12:.1f} ps/weight + "
@@ -239,10 +253,10 @@ def cmd_predict_host(a, cfg):
     prof = load_profile()
     if prof is None:
         raise ValueError(f"no profile at {profile_path()}: run `python perfmodel.py calibrate` first")
-    res = plan(prof, cfg, a.prompt_len, a.gen_len, kv_mem_bytes=kvcache.parse_size(a.kv_mem))
-    step, parts = host_step(prof, cfg, res["max_batch"], a.prompt_len + a.gen_len / 2)
+    res = plan(prof, cfg, a.prompt_len, a.gen_len, kv_mem_bytes=kvcache.parse_size(a.kv_mem), kv_dtype=a.kv_dtype)
+    step, parts = host_step(prof, cfg, res["max_batch"], a.prompt_len + a.gen_len / 2, kv_dtype=a.kv_dtype)
     res.update({"step_ms": step * 1e3, **{f"{k}_ms": v * 1e3 for k, v in parts.items()},
-                "kv_bytes_per_token": kv_bytes_per_token(cfg)})
+                "kv_bytes_per_token": kv_bytes_per_token(cfg, a.kv_dtype)})
     print_rows(res)
     return res
 
@@ -284,6 +298,7 @@ def parse_args(argv=None):
     q.add_argument("--sweep", choices=["cpu-nodes"], help="print throughput against the number of CPU nodes")
     q.add_argument("--host", action="store_true", help="predict fastdecode.py on this calibrated machine instead")
     q.add_argument("--kv-mem", default=kvcache.DEFAULT_KV_MEM, help="with --host: KV memory per worker")
+    q.add_argument("--kv-dtype", default="float16", choices=kvcache.KV_DTYPES, help="with --host: the KV-cache dtype")
     q.add_argument("--json", action="store_true", help="end with one JSON object")
     return p.parse_args(argv)
 

@@ -58,24 +58,26 @@ def make_micro_batch(spart, name, seqs):
 
 
 def to_host(x, dtype):
-    """A device tensor as a NumPy array of `dtype` (float16/float32); one conversion, done by
-    torch, and the .cpu() copy synchronizes with the GPU."""
+    """A device tensor as a NumPy array of `dtype` (float16/float32: for K and V the KV cache's
+    row dtype, float16 for an int8 cache); one conversion, done by torch, and the .cpu() copy
+    synchronizes with the GPU."""
     return x.to("cpu", getattr(torch, np.dtype(dtype).name)).numpy()
 
 
 class DecodeStep:
     """Runs decode steps of `spart` against the R-Part `backend`, adding up `stats` (a StepStats,
-    which the engine may replace between runs); `tracer` may be None."""
+    which the engine may replace between runs); `tracer` may be None. k and v go to the R-Part
+    as `row_dtype` (kvcache.KVConfig.row_dtype)."""
 
-    def __init__(self, spart, backend, kv_dtype, stats, tracer=None):
-        self.spart, self.backend, self.kv_dtype = spart, backend, kv_dtype
+    def __init__(self, spart, backend, row_dtype, stats, tracer=None):
+        self.spart, self.backend, self.row_dtype = spart, backend, row_dtype
         self.stats, self.tracer = stats, tracer
 
     def _submit(self, layer, mb):
         """pre_attn on the device, then hand q, k, v to the R-Part; returns without waiting."""
         q, k, v = self.spart.pre_attn(layer, mb.h, mb.positions_dev)    # [S, Hq, D], [S, Hkv, D] x2
         mb.pending = self.backend.submit(layer, mb.seq_ids, mb.positions, to_host(q, np.float32),
-                                         to_host(k, self.kv_dtype), to_host(v, self.kv_dtype))
+                                         to_host(k, self.row_dtype), to_host(v, self.row_dtype))
         if self.tracer:
             self.tracer.r_begin(mb.name, layer)
 

@@ -210,15 +210,16 @@ def reference_attention(q, keys, values, *, key_scales=None, value_scales=None, 
 
 def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
     """Write each sequence's new k, v [Hkv, D] at its position of `layer`, then attend over rows
-    [0, position]. q [S, Hq, D] -> o [S, Hq, D] float32. Every sequence is checked before
-    anything is written, so a bad request changes nothing."""
-    for s, p in zip(seqs, positions):
-        if not 0 <= p < cache.capacity(s):  # capacity() raises KeyError for an unknown sequence
-            raise ValueError(f"sequence {s}: position {p} outside its capacity {cache.capacity(s)}")
-    for i, (s, p) in enumerate(zip(seqs, positions)):
-        cache.write(s, layer, int(p), k[i], v[i])
+    [0, position]. q [S, Hq, D] -> o [S, Hq, D] float32. The store checks every sequence before
+    it writes any (a bad request changes nothing); an int8 store quantizes k, v and hands the
+    kernel its scales beside the rows."""
+    cache.write_batch(layer, seqs, [int(p) for p in positions], k, v)
     kv = [cache.views(s, layer, int(p) + 1) for s, p in zip(seqs, positions)]
-    return decode_attention(q, [a for a, _ in kv], [b for _, b in kv], num_threads=num_threads)
+    scales = {}
+    if cache.cfg.quantized:
+        ks = [cache.scale_views(s, layer, int(p) + 1) for s, p in zip(seqs, positions)]
+        scales = {"key_scales": [a for a, _ in ks], "value_scales": [b for _, b in ks]}
+    return decode_attention(q, [a for a, _ in kv], [b for _, b in kv], num_threads=num_threads, **scales)
 
 
 # --- the worker ---
@@ -263,7 +264,7 @@ class Worker:
     def fill(self, meta, payload):
         seq, layer, L = meta
         c = self.cache.cfg
-        K, V = wire.split_payload(payload, [(c.dtype, (L, c.n_kv_heads, c.head_dim))] * 2)
+        K, V = wire.split_payload(payload, [(c.row_dtype, (L, c.n_kv_heads, c.head_dim))] * 2)
         self.cache.fill(seq, layer, K, V)
         return wire.OK, (), ()
 
@@ -273,7 +274,7 @@ class Worker:
         if not 0 <= layer < c.n_layers or not 1 <= S <= 65536:
             raise ValueError(f"layer {layer} or batch {S} out of range")
         ids, pos, q, k, v = wire.split_payload(payload, wire.decode_parts(S, self.n_heads, c.n_kv_heads,
-                                                                         c.head_dim, c.dtype))
+                                                                         c.head_dim, c.row_dtype))
         if len(set(ids.tolist())) != S:
             raise ValueError("duplicate sequence ids in one decode call")
         t = time.perf_counter_ns()

@@ -9,6 +9,11 @@ every field; this module only knows the layout, the size cap and the handshake.
     meta               the struct in META[type]
     payload            arrays back to back, in the order the message type names
 
+K and V travel in the worker's row dtype (kvcache.KVConfig.row_dtype): float16 or float32 as the
+cache stores them, and float16 for an int8 cache, which the worker quantizes as it writes (so
+the scales never travel, and the in-process loop rounds exactly the same float16 rows). q and
+o are always float32.
+
 A connection opens with a challenge (HELLO: needs_auth, 32-byte nonce); the engine answers
 AUTH with HMAC-SHA256(secret, nonce), or zeros when the worker needs no secret. A bad header
 or an oversize frame means framing is lost: that connection is closed, the worker serves on.
@@ -35,7 +40,7 @@ META = {  # fixed binary meta per message type
     AUTH: struct.Struct("<32s"),            # HMAC-SHA256(secret, nonce), zeros without a secret
     CONFIGURE: struct.Struct("<IIIIB"),     # n_layers, Hkv, Hq, D, kv dtype code (KV_DTYPES)
     ADD: struct.Struct("<QI"),              # seq id, capacity in tokens
-    FILL: struct.Struct("<QII"),            # seq id, layer, L; payload K then V [L, Hkv, D]
+    FILL: struct.Struct("<QII"),            # seq id, layer, L; payload K then V [L, Hkv, D], row dtype
     DECODE: struct.Struct("<II"),           # layer, S; payload see decode_parts
     DROP: struct.Struct("<Q"),              # seq id
     STATS: struct.Struct(""), SHUTDOWN: struct.Struct(""), OK: struct.Struct(""),
@@ -44,15 +49,16 @@ META = {  # fixed binary meta per message type
     STATS_REPLY: struct.Struct("<6Q"),      # see STATS_FIELDS
 }
 STATS_FIELDS = ("sequences", "tokens", "bytes_used", "bytes_reserved", "bytes_free", "threads")
-KV_DTYPES = {0: "float16", 1: "float32"}    # CONFIGURE's dtype code -> the KV element type
+KV_DTYPES = {0: "float16", 1: "float32", 2: "int8"}  # CONFIGURE's dtype code -> the KV element type
 KV_CODES = {name: code for code, name in KV_DTYPES.items()}
 
 
-def decode_parts(S, n_heads, n_kv_heads, head_dim, kv_dtype):
+def decode_parts(S, n_heads, n_kv_heads, head_dim, row_dtype):
     """The DECODE payload, in order: ids u64 [S], positions u32 [S], q f32 [S, Hq, D],
-    k, v [S, Hkv, D] in the KV dtype. Both ends build it from here."""
+    k, v [S, Hkv, D] in the row dtype that travels (float16 for an int8 cache, see above).
+    Both ends build it from here."""
     return [(np.uint64, (S,)), (np.uint32, (S,)), (np.float32, (S, n_heads, head_dim)),
-            (kv_dtype, (S, n_kv_heads, head_dim)), (kv_dtype, (S, n_kv_heads, head_dim))]
+            (row_dtype, (S, n_kv_heads, head_dim)), (row_dtype, (S, n_kv_heads, head_dim))]
 
 
 class ProtocolError(Exception):

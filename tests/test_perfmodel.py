@@ -9,6 +9,8 @@ L7 = spart.KNOWN["llama-2-7b"][1]
 def test_llama2_7b_holds_512_kib_of_fp16_kv_per_token():
     assert pm.kv_bytes_per_token(L7) == 512 * 1024
     assert pm.kv_bytes_per_token(spart.KNOWN["llama-3-8b"][1]) == 128 * 1024  # GQA: 8 KV heads
+    assert pm.kv_bytes_per_token(L7, "int8") == 2 * 32 * 32 * (128 + 4)        # 1 byte + 4 of scale per head
+    assert pm.kv_bytes_per_token(L7, "float32") == 1024 * 1024
 
 
 def test_r_time_by_hand():
@@ -75,6 +77,20 @@ def test_host_step_by_hand():
     assert abs(tp - 2 * max(s4, r4 + x4)) < 1e-12
 
 
+def test_host_step_int8_reads_its_bytes_at_the_slower_of_memory_and_in_cache_rates():
+    cfg = spart.KNOWN["opt-125m"][1]
+    n, kv8 = cfg.n_layers, 8 * 100 * 2 * 12 * 12 * (64 + 4)
+    old = pm.host_step(PROF, cfg, 8, 100, kv_dtype="int8")[1]["r"]          # a profile without int8: fp16's GB/s
+    assert abs(old - (kv8 / 20e9 + n * 5e-5)) < 1e-12
+    new = {**PROF, "kernel": {**PROF["kernel"], "int8": 16.0, "incache": {"float16": 30.0, "int8": 12.0}}}
+    r8 = pm.host_step(new, cfg, 8, 100, kv_dtype="int8")[1]["r"]            # in cache 12 < 16: compute binds
+    assert abs(r8 - (kv8 / 12e9 + n * 5e-5)) < 1e-12
+    r16 = pm.host_step(new, cfg, 8, 100)[1]["r"]                            # from memory 20 < 30: bytes bind
+    assert abs(r16 - (8 * 100 * 2 * 12 * 12 * 64 * 2 / 20e9 + n * 5e-5)) < 1e-12
+    p8, p16 = (pm.plan(new, cfg, 960, 64, kv_mem_bytes=10**9, kv_dtype=dt) for dt in ("int8", "float16"))
+    assert p8["tok_s"] > 0 and p16["tok_s"] > 0
+
+
 def test_plan_fits_memory_and_balances_when_pipelined():
     cfg = spart.KNOWN["opt-1.3b"][1]
     per_seq = 1024 * pm.kv_bytes_per_token(cfg)
@@ -98,6 +114,7 @@ def test_calibrate_writes_a_profile_that_fastdecode_uses(checkpoint, tmp_path):
     for key in ("read_gbs", "kernel", "loopback", "spart", "device"):
         assert key in prof
     assert prof["read_gbs"] > 0.1 and prof["kernel"]["float16"] > 0.1 and prof["loopback"]["gbs"] > 0.01
+    assert prof["kernel"]["int8"] > 0.1 and min(prof["kernel"]["incache"].values()) > 0.1
     assert len(prof["spart_points"]) == 2 and all(t > 0 for *_, t in prof["spart_points"])
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(prof))

@@ -51,6 +51,7 @@ def valid_client(addr, kv):
 
 
 KV = kvcache.KVConfig(n_layers=2, n_kv_heads=2, head_dim=16, dtype="float16", mem_bytes=2**26)
+KV8 = kvcache.KVConfig(n_layers=2, n_kv_heads=2, head_dim=16, dtype="int8", mem_bytes=2**26)  # float16 travels
 
 
 def decode_payload(S, ids=None, pos=None, hq=4, hkv=2, d=16, kdt=np.float16):
@@ -77,6 +78,7 @@ def malformed_requests(rng):
     yield wire.CONFIGURE, (2, 3, 4, 16, 0), []                                # Hq % Hkv
     yield wire.CONFIGURE, (2, 2, 4, 12, 0), []                                # D % 8
     yield wire.CONFIGURE, (2, 2, 4, 16, 9), []                                # dtype code
+    yield wire.FILL, (7, 0, 3), [np.ones((3, 2, 16), np.int8)] * 2            # int8 rows: only float16 travels
     yield wire.OK, (), [rng.bytes(int(rng.integers(0, 64)))]                  # not a request
 
 
@@ -87,10 +89,11 @@ def raw_connect(addr):
     return s
 
 
-def test_fuzz_2000_malformed_frames_then_serves_correctly(worker):
+@pytest.mark.parametrize("kv", [KV, KV8], ids=["float16", "int8"])
+def test_fuzz_2000_malformed_frames_then_serves_correctly(worker, kv):
     proc, addr = worker
     rng = np.random.default_rng()
-    c = valid_client(addr, KV)
+    c = valid_client(addr, kv)
     c.call(wire.ADD, (7, 12))
     sent = errors = closed = 0
     for rnd in range(125):
@@ -124,12 +127,13 @@ def test_fuzz_2000_malformed_frames_then_serves_correctly(worker):
         sent, closed = sent + 1, closed + 1
     assert sent >= 2000, sent
     assert proc.poll() is None, "the worker died"
-    check_valid_decode(addr)
+    check_valid_decode(addr, kv)
 
 
-def check_valid_decode(addr):
-    """A fresh client gets correct attention from the worker after all that."""
-    c = valid_client(addr, KV)
+def check_valid_decode(addr, kv=KV):
+    """A fresh client gets correct attention from the worker after all that (an int8 worker:
+    against the reference on the rows as it quantized them)."""
+    c = valid_client(addr, kv)
     rng = np.random.default_rng(1)
     K, V = (rng.standard_normal((2, 5, 2, 16)).astype(np.float16) for _ in range(2))
     c.add_filled(100, 8, K, V)
@@ -137,8 +141,13 @@ def check_valid_decode(addr):
     k, v = (rng.standard_normal((1, 2, 16)).astype(np.float16) for _ in range(2))
     c.send_decode(1, [100], [5], q, k, v)
     o, _ = c.recv_out((1, 4, 16))
-    want = rpart.reference_attention(q, [np.concatenate([K[1], k])], [np.concatenate([V[1], v])])
-    assert np.abs(o - want).max() < 2e-3
+    Kc, Vc = np.concatenate([K[1], k]), np.concatenate([V[1], v])
+    if kv.quantized:
+        (Kc, ks), (Vc, vs) = kvcache.quantize_int8(Kc), kvcache.quantize_int8(Vc)
+        want = rpart.reference_attention(q, [Kc], [Vc], key_scales=[ks], value_scales=[vs])
+    else:
+        want = rpart.reference_attention(q, [Kc], [Vc])
+    assert np.abs(o - want).max() < (2e-2 if kv.quantized else 2e-3)  # int8: q rounded per head (test_kernel)
     c.call(wire.DROP, (100,))
 
 
