@@ -123,12 +123,20 @@ class LLM:
                                                  hosts=worker_hosts, threads=worker_threads, secret=secret)
         else:
             self.backend = backend.LocalBackend(self.kv_cfg, worker_threads)
-        self.stats = StepStats()
-        self.decode_step = DecodeStep(self.spart, self.backend, self.kv_cfg.row_dtype, self.stats, trace)
+        self.decode_step = DecodeStep(self.spart, self.backend, self.kv_cfg.row_dtype, StepStats(), trace)
         self.requests = {}       # request id -> Request, from add_request until it finishes
         self.prefilling = []     # admitted Requests whose prefill is not finished, oldest first
         self.outbox = []         # RequestOutputs made since the last step() returned
         self.next_seq = 0
+
+    @property
+    def stats(self):
+        """This run's StepStats: held by the decode step, which adds to it; the engine adds prefill."""
+        return self.decode_step.stats
+
+    @stats.setter
+    def stats(self, stats):
+        self.decode_step.stats = stats
 
     @property
     def sched_cfg(self):
@@ -176,10 +184,10 @@ class LLM:
         if len(ids) + params.max_tokens > c.max_pos:
             raise ValueError(f"{len(ids)} prompt tokens + {params.max_tokens} max_tokens exceed the model's "
                              f"{c.max_pos} positions")
-        need = (len(ids) + params.max_tokens) * self.kv_cfg.bytes_per_token
-        if need > max(self.backend.budgets()):
+        need, largest = (len(ids) + params.max_tokens) * self.kv_cfg.bytes_per_token, max(self.backend.budgets())
+        if need > largest:
             raise NeverFits(f"{len(ids)} + {params.max_tokens} tokens need {need} bytes of KV: they fit on no worker "
-                            f"even when empty (largest budget {max(self.backend.budgets())} bytes)")
+                            f"even when empty (largest budget {largest} bytes)")
         return ids
 
     def add_request(self, prompt, params=None, request_id=None):
@@ -370,7 +378,7 @@ class LLM:
                 self.check_request(p, params[-1])
             except ValueError as e:
                 raise type(e)(f"prompt {i}: {e}") from e
-        self.stats = self.decode_step.stats = StepStats()
+        self.stats = StepStats()
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
         tokens, texts = {rid: [] for rid in ids}, {}
         bar = tqdm(total=sum(news), unit="tok", disable=self.quiet if progress is None else not progress,
