@@ -113,9 +113,9 @@ def s_step_time(sp, b):
 
     def step():  # with the engine's conversions to and from NumPy around the R-Part
         with torch.inference_mode():
-            h = sp.embed(toks, pos)
+            h, rot = sp.embed(toks, pos), sp.rotary(pos)
             for layer in range(c.n_layers):
-                q, k, v = sp.pre_attn(layer, h, pos)
+                q, k, v = sp.pre_attn(layer, h, rot)
                 q.to("cpu", torch.float32).numpy()
                 for x in (k, v):
                     x.to("cpu", torch.float32).numpy().astype(np.float16)

@@ -28,7 +28,7 @@ class MicroBatch:
     name: str                    # "A", "B", or "all" when the batch is not split
     seq_ids: list                # [S] the sequences' ids: their KV's keys on the workers
     positions: np.ndarray        # [S] int64, this step's token position (= the cached length)
-    positions_dev: torch.Tensor  # [S] the same positions on the S-Part's device (rotary, OPT's table)
+    rot: object                  # spart.rotary(positions): Llama's cos, sin rows, looked up once a step
     h: torch.Tensor              # [S, H] hidden state between layers, on the device
     pending: object = None       # backend.Pending while this micro-batch's attention is in flight
 
@@ -54,7 +54,8 @@ def make_micro_batch(spart, name, seqs):
     positions = np.array([s.length - 1 for s in seqs], dtype=np.int64)
     positions_dev = torch.from_numpy(positions).to(dev)
     tokens = torch.tensor([s.generated[-1] for s in seqs], device=dev)
-    return MicroBatch(name, [s.idx for s in seqs], positions, positions_dev, spart.embed(tokens, positions_dev))
+    return MicroBatch(name, [s.idx for s in seqs], positions, spart.rotary(positions_dev),
+                      spart.embed(tokens, positions_dev))
 
 
 def to_host(x, dtype):
@@ -75,7 +76,7 @@ class DecodeStep:
 
     def _submit(self, layer, mb):
         """pre_attn on the device, then hand q, k, v to the R-Part; returns without waiting."""
-        q, k, v = self.spart.pre_attn(layer, mb.h, mb.positions_dev)    # [S, Hq, D], [S, Hkv, D] x2
+        q, k, v = self.spart.pre_attn(layer, mb.h, mb.rot)              # [S, Hq, D], [S, Hkv, D] x2
         mb.pending = self.backend.submit(layer, mb.seq_ids, mb.positions, to_host(q, np.float32),
                                          to_host(k, self.row_dtype), to_host(v, self.row_dtype))
         if self.tracer:

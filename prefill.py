@@ -98,9 +98,9 @@ def prefill_batch(sp, items):
     Ks = [torch.empty(c.n_layers, T, c.n_kv_heads, c.head_dim, dtype=sp.dtype, device=dev) for T in lens]
     Vs = [torch.empty_like(K) for K in Ks]
     o = torch.empty(offs[-1], c.n_heads, c.head_dim, dtype=sp.dtype, device=dev)   # [N, Hq, D]
-    h = sp.embed(ids, pos)                                                          # [N, H]
+    h, rot = sp.embed(ids, pos), sp.rotary(pos)                                     # [N, H]
     for layer in range(c.n_layers):
-        q, k, v = sp.pre_attn(layer, h, pos)
+        q, k, v = sp.pre_attn(layer, h, rot)
         for i, it in enumerate(items):
             a, b = offs[i], offs[i + 1]
             Ks[i][layer], Vs[i][layer] = k[a:b], v[a:b]

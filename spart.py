@@ -8,7 +8,8 @@ The R-Part (attention over each sequence's KV-cache) runs on CPU workers: see rp
 
 One decode step of layer l, as the engine drives it:
     h = embed(ids, pos)                    # once, before layer 0
-    q, k, v = pre_attn(l, h, pos)          # S-Part: norm, QKV, rotary
+    rot = rotary(pos)                      # once: the rotary rows of these positions (Llama)
+    q, k, v = pre_attn(l, h, rot)          # S-Part: norm, QKV, rotary
     o = <R-Part attention over the KV-cache>
     h = post_attn(l, h, o)                 # S-Part: output projection, residual, MLP
     logits = lm_head(h)                    # once, after the last layer
@@ -199,6 +200,11 @@ class SPart:
                     setattr(lw, name, prepack(getattr(lw, name)))
                 for key in [k for k in weights if k.startswith(f"layers.{i}.") and weights[k].dim() == 2]:
                     del weights[key]
+        head = self.head_name = "lm_head.weight" if cfg.family == "llama" and not cfg.tie_embeddings \
+            else "embed_tokens.weight"
+        self.head_w = prepack(weights[head]) if self.packed else weights[head]  # [V, H] (embed_dim for OPT)
+        if self.packed and head == "lm_head.weight":  # a tied head's table stays: the embedding reads it
+            del weights[head]
         self.inv_freq = rope_inv_freq(cfg).to(device) if cfg.family == "llama" else None
         self.rope_cos, self.rope_sin = rope_tables(cfg, dtype, device) if cfg.family == "llama" else (None, None)
 
@@ -239,6 +245,8 @@ class SPart:
         out = dict(self.w)
         if not self.packed:
             return out
+        if self.head_name not in out:  # an untied head lives only prepacked
+            out[self.head_name] = self.head_w.to_dense()
         shapes = weights.expected_shapes(self.cfg)
         for i, lw in enumerate(self.layers):
             for field, names in layer_names(self.cfg).items():
@@ -280,16 +288,22 @@ class SPart:
             h = h + F.embedding(positions + 2, self.w["embed_positions.weight"])  # OPT's offset 2
         return h
 
-    def pre_attn(self, layer, h, positions):
-        """h [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], rotary applied (views into one
-        [T, (Hq + 2 Hkv) D] result: not contiguous)."""
+    def rotary(self, positions):
+        """positions int64 [T] -> (cos, sin) [T, 1, D], the rows of rope_tables that pre_attn
+        rotates by (the same in every layer: looked up once per step), or None for OPT."""
+        if self.cfg.family != "llama":
+            return None
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+
+    def pre_attn(self, layer, h, rot):
+        """h [T, H], rot = rotary(positions) -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D],
+        rotary applied (views into one [T, (Hq + 2 Hkv) D] result: not contiguous)."""
         c, lw = self.cfg, self.layers[layer]
         nq, nkv = c.n_heads, c.n_kv_heads
         x = self._norm(h, lw.norm1_w, lw.norm1_b) if c.family == "llama" or c.pre_ln else h
         qkv = linear(x, lw.qkv_w, lw.qkv_b).view(h.shape[0], nq + 2 * nkv, c.head_dim)
         if c.family == "llama":  # q and k are adjacent heads: one rotation for both
-            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # [T, 1, D]
-            qk = rope(qkv[:, :nq + nkv], cos, sin)
+            qk = rope(qkv[:, :nq + nkv], *rot)
             return qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
         return qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
 
@@ -312,12 +326,12 @@ class SPart:
         c = self.cfg
         if c.family == "llama":
             h = self._norm(h, self.w["norm.weight"], None)
-            return F.linear(h, self.w["embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"]).float()
+            return linear(h, self.head_w).float()
         if c.pre_ln:
             h = self._norm(h, self.w["final_layer_norm.weight"], self.w["final_layer_norm.bias"])
         if c.embed_dim != c.hidden:
             h = F.linear(h, self.w["project_out.weight"])
-        return F.linear(h, self.w["embed_tokens.weight"]).float()
+        return linear(h, self.head_w).float()
 
 # --- measuring: what one layer costs (bench.py and perfmodel.py can call it) ---
 
@@ -335,7 +349,7 @@ def layer_seconds(sp, batch, reps=20):
     for i in range(reps + 2):
         layer = i % c.n_layers
         t = time.perf_counter()
-        sp.pre_attn(layer, h, pos)
+        sp.pre_attn(layer, h, sp.rotary(pos))
         sp.post_attn(layer, h, o)[0, 0].item()                                 # .item() waits for a GPU
         times.append(time.perf_counter() - t)
     return sorted(times[2:])[reps // 2]

@@ -57,9 +57,9 @@ def reference_logits(sp, tokens, prompt_len, kv_dtype="float32"):
     with torch.inference_mode():
         for pos in range(prompt_len, len(tokens) - 1):
             p = torch.tensor([pos])
-            h = sp.embed(torch.tensor([tokens[pos]]), p)
+            h, rot = sp.embed(torch.tensor([tokens[pos]]), p), sp.rotary(p)
             for layer in range(c.n_layers):
-                q, k, v = sp.pre_attn(layer, h, p)
+                q, k, v = sp.pre_attn(layer, h, rot)
                 o = rpart.attend_step(cache, layer, [0], [pos], q.numpy(), k.numpy().astype(kv_dtype),
                                       v.numpy().astype(kv_dtype))
                 h = sp.post_attn(layer, h, torch.from_numpy(o))
