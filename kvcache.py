@@ -98,6 +98,7 @@ class KVCache:
         self.blocks = {}    # seq id -> [2, n_layers, capacity, Hkv, D] of the KV dtype
         self.scales = {}    # seq id -> [2, n_layers, capacity, Hkv] float32 (int8 caches only)
         self.lengths = {}   # seq id -> int64 [n_layers]: rows written per layer
+        self.where = {}     # seq id -> (block address, scales address or 0, capacity): see addresses()
         self.reserved = 0   # bytes promised to admitted sequences
 
     # --- admission ---
@@ -119,11 +120,12 @@ class KVCache:
         if c.quantized:
             self.scales[seq] = np.empty((2, c.n_layers, capacity, c.n_kv_heads), dtype=np.float32)
         self.lengths[seq] = np.zeros(c.n_layers, dtype=np.int64)
+        self.where[seq] = (self.blocks[seq].ctypes.data, self.scales[seq].ctypes.data if c.quantized else 0, capacity)
         self.reserved += capacity * c.bytes_per_token
 
     def free(self, seq):
         block = self.blocks.pop(self._check(seq))
-        del self.lengths[seq]
+        del self.lengths[seq], self.where[seq]
         self.scales.pop(seq, None)
         self.reserved -= block.shape[2] * self.cfg.bytes_per_token
 
@@ -190,6 +192,19 @@ class KVCache:
         """K, V [length, Hkv, D] of layer: views into the block, no copy."""
         block = self.blocks[self._check(seq)]
         return block[0, layer, :length], block[1, layer, :length]
+
+    def addresses(self, layer, seqs):
+        """Where each sequence's rows of `layer` start, for a kernel that reads them in place:
+        (K, V, K scales, V scales), uint64 [S] each (the scales None unless int8). The same
+        memory as views() and scale_views(), without building 2 S arrays; seqs must exist."""
+        c = self.cfg
+        block, scales, cap = np.array([self.where[s] for s in seqs], dtype=np.uint64).T
+        row = np.uint64(c.n_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize)   # bytes of one token's row
+        k, v = (block + (np.uint64(i) * cap * row) for i in (layer, c.n_layers + layer))
+        if not c.quantized:
+            return k, v, None, None
+        srow = np.uint64(c.n_kv_heads * SCALE_BYTES)
+        return k, v, *(scales + np.uint64(i) * cap * srow for i in (layer, c.n_layers + layer))
 
     def scale_views(self, seq, layer, length):
         """An int8 cache's K and V scales [length, Hkv] float32 of layer: views, no copy."""

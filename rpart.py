@@ -169,18 +169,22 @@ def decode_attention(q, keys, values, *, key_scales=None, value_scales=None, sca
         ksp, vsp = _check_scales("key_scales", key_scales, keys), _check_scales("value_scales", value_scales, values)
     elif key_scales is not None or value_scales is not None:
         raise ValueError(f"key_scales: only int8 keys and values have scales, these are {kdt}")
-    if scale is None:
-        scale = 1.0 / np.sqrt(D)
-    if out is None:
-        out = np.empty((S, Hq, D), dtype=np.float32)
-    elif out.shape != (S, Hq, D) or out.dtype != np.float32 or not out.flags.c_contiguous:
+    if out is not None and (out.shape != (S, Hq, D) or out.dtype != np.float32 or not out.flags.c_contiguous):
         raise ValueError(f"out: expected C-contiguous float32 {(S, Hq, D)}, got {out.dtype} {out.shape}")
-    lib = load_kernel()
-    if 2 * int(klen.sum()) * hkv * D * kdt.itemsize < SMALL_CALL_BYTES:
+    return _run_kernel(q, kp, vp, ksp, vsp, klen, hkv, kdt, scale, num_threads, out)
+
+
+def _run_kernel(q, kp, vp, ksp, vsp, lengths, hkv, kdt, scale, num_threads, out):
+    """fd_decode_attention on checked arguments: q float32 C-contiguous [S, Hq, D]; kp, vp
+    (ksp, vsp for int8, else None) uint64 [S] addresses of rows of dtype kdt; lengths int64 [S]."""
+    S, Hq, D = q.shape
+    out = np.empty((S, Hq, D), dtype=np.float32) if out is None else out
+    if 2 * int(lengths.sum()) * hkv * D * kdt.itemsize < SMALL_CALL_BYTES:
         num_threads = 1
-    rc = lib.fd_decode_attention(_ptr(q), _ptr(kp), _ptr(vp), None if ksp is None else _ptr(ksp),
-                                 None if vsp is None else _ptr(vsp), _ptr(klen), S, Hq, hkv, D, KERNEL_DTYPES[kdt],
-                                 float(scale), int(num_threads or 0), _ptr(out))
+    rc = load_kernel().fd_decode_attention(
+        _ptr(q), _ptr(kp), _ptr(vp), None if ksp is None else _ptr(ksp), None if vsp is None else _ptr(vsp),
+        _ptr(lengths), S, Hq, hkv, D, KERNEL_DTYPES[kdt], float(1.0 / np.sqrt(D) if scale is None else scale),
+        int(num_threads or 0), _ptr(out))
     if rc != 0:
         raise RuntimeError(f"fd_decode_attention: {_KERNEL_ERRORS.get(rc, rc)}")
     return out
@@ -209,17 +213,17 @@ def reference_attention(q, keys, values, *, key_scales=None, value_scales=None, 
 
 
 def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
-    """Write each sequence's new k, v [Hkv, D] at its position of `layer`, then attend over rows
-    [0, position]. q [S, Hq, D] -> o [S, Hq, D] float32. The store checks every sequence before
-    it writes any (a bad request changes nothing); an int8 store quantizes k, v and hands the
-    kernel its scales beside the rows."""
+    """Write each sequence's new k, v [Hkv, D] at its position of `layer` (the store checks every
+    sequence before it writes any, and quantizes for an int8 cache), then attend over rows
+    [0, position] where the store says they are (cache.addresses: no per-array checks, which
+    were most of a batch-16 call). q [S, Hq, D] -> o [S, Hq, D] float32."""
+    c, q = cache.cfg, np.ascontiguousarray(q, dtype=np.float32)
+    if q.ndim != 3 or q.shape[0] != len(seqs) or q.shape[2] != c.head_dim or q.shape[1] % c.n_kv_heads:
+        raise ValueError(f"q: expected float32 [{len(seqs)}, k * {c.n_kv_heads}, {c.head_dim}], got {q.shape}")
     cache.write_batch(layer, seqs, [int(p) for p in positions], k, v)
-    kv = [cache.views(s, layer, int(p) + 1) for s, p in zip(seqs, positions)]
-    scales = {}
-    if cache.cfg.quantized:
-        ks = [cache.scale_views(s, layer, int(p) + 1) for s, p in zip(seqs, positions)]
-        scales = {"key_scales": [a for a, _ in ks], "value_scales": [b for _, b in ks]}
-    return decode_attention(q, [a for a, _ in kv], [b for _, b in kv], num_threads=num_threads, **scales)
+    lengths = np.asarray(positions, dtype=np.int64) + 1
+    kdt = np.dtype(c.dtype)
+    return _run_kernel(q, *cache.addresses(layer, seqs), lengths, c.n_kv_heads, kdt, None, num_threads, None)
 
 
 # --- the worker ---

@@ -33,6 +33,42 @@ def test_tokens_through_workers_equal_in_process(checkpoint, workers, pipeline):
     assert got == want
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
+def test_attend_step_reads_the_rows_the_store_addresses(dtype):
+    """attend_step hands the kernel the store's addresses (kvcache.addresses) instead of views it
+    checks one by one: they must be the views' addresses, and the result decode_attention's on those
+    views, for every layer, ragged lengths and int8 scales included."""
+    cfg = kvcache.KVConfig(3, 2, 16, dtype, 2**22)
+    cache, rng = kvcache.KVCache(cfg), np.random.default_rng(1)
+    lens = {4: 5, 9: 1, 2: 12}
+    for s, L in lens.items():
+        cache.allocate(s, L + 3)
+        for layer in range(3):
+            K, V = (rng.standard_normal((L, 2, 16)).astype(cfg.row_dtype) for _ in "KV")
+            cache.fill(s, layer, K, V)
+    seqs = list(lens)
+    for layer in range(3):
+        k, v = (rng.standard_normal((3, 2, 16)).astype(cfg.row_dtype) for _ in "kv")
+        q = rng.standard_normal((3, 6, 16)).astype(np.float32)
+        got = rpart.attend_step(cache, layer, seqs, [lens[s] for s in seqs], q, k, v)
+        views = [cache.views(s, layer, lens[s] + 1) for s in seqs]
+        kp, vp, ksp, vsp = cache.addresses(layer, seqs)
+        assert kp.tolist() == [rpart._ptr(a) for a, _ in views] and vp.tolist() == [rpart._ptr(b) for _, b in views]
+        scales = {}
+        if dtype == "int8":
+            sv = [cache.scale_views(s, layer, lens[s] + 1) for s in seqs]
+            assert ksp.tolist() == [rpart._ptr(a) for a, _ in sv] and vsp.tolist() == [rpart._ptr(b) for _, b in sv]
+            scales = {"key_scales": [a for a, _ in sv], "value_scales": [b for _, b in sv]}
+        else:
+            assert ksp is None and vsp is None
+        want = rpart.decode_attention(q, [a for a, _ in views], [b for _, b in views], **scales)
+        assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="q: expected"):
+        rpart.attend_step(cache, 0, seqs, [lens[s] for s in seqs], q[:, :, :8], k, v)   # wrong head dim
+    with pytest.raises(KeyError, match="unknown sequence 5"):
+        rpart.attend_step(cache, 0, [4, 5, 2], [6, 0, 13], q, k, v)
+
+
 # --- a worker under fuzz ---
 
 
