@@ -6,8 +6,8 @@ AVX512_BF16, torch 2.13):
   (`choose_dtype`);
 - one layer's weights fused: the matmuls that read the same input stacked into one
   (`LayerWeights`, `fuse_layer`): fewer torch calls per layer;
-- bf16 matrices reordered once into oneDNN's own layout (`prepack`, `linear`), instead of on
-  every call.
+- bf16 and float32 matrices reordered once into oneDNN's own layout (`prepack`, `linear`),
+  instead of on every call (bf16) or a BLAS call on the plain matrix (float32).
 
 Nothing here knows the model's forward; spart.py imports it.
 
@@ -124,22 +124,25 @@ def fuse_layer(cfg, w, layer):
     return LayerWeights(**fields)
 
 
-# --- bf16 weights in oneDNN's own layout (CPU) ---
+# --- weights in oneDNN's own layout (CPU) ---
 
 
 def can_prepack(device, dtype):
     """Whether this torch has oneDNN's prepacked linear (the private ops torch.compile's CPU
-    backend uses when it freezes weights), and the weights are bf16 on the CPU."""
+    backend uses when it freezes weights), and the weights are bf16 or float32 on the CPU."""
     ops = torch.ops.mkldnn
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+            and torch.backends.mkldnn.is_available()
             and hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise"))
 
 
 def prepack(w):
-    """w [out, in] bf16 -> the same matrix reordered once into oneDNN's blocked layout (an opaque
-    mkldnn tensor; .to_dense() gives w back). F.linear reorders bf16 weights on every call:
-    measured here, 1 thread, the prepacked linear is 1.3-1.6x faster at 1-32 rows (768 -> 3072
-    and 2048 -> 8192) with bit-identical results, and one opt-125m layer 1.4-1.8x faster."""
+    """w [out, in] bf16 or float32 -> the same matrix reordered once into oneDNN's blocked layout
+    (an opaque mkldnn tensor; .to_dense() gives w back). F.linear reorders bf16 weights on every
+    call: measured here, 1 thread, the prepacked linear is 1.3-1.6x faster at 1-32 rows (768 ->
+    3072 and 2048 -> 8192) with bit-identical results, and one opt-125m layer 1.4-1.8x faster.
+    float32 F.linear goes to BLAS instead: prepacked, 2 threads, 1.1-1.4x faster at 16-2048 rows
+    (768 <-> 3072, 2048 -> 8192), equal to it within float32 summation order (tests/test_spart.py)."""
     return torch.ops.mkldnn._reorder_linear_weight(w, None)
 
 

@@ -213,7 +213,7 @@ class SPart:
         """From a short name, hub repo id or directory; random weights (with a banner) when the
         checkpoint is not on disk. A directory that is named but missing is an error, and so is
         a GGUF file (not read here). `dtype`: None (choose_dtype decides), a torch dtype or its name.
-        `pack`: None (prepack bf16 matrices when can_prepack), True or False."""
+        `pack`: None (prepack the matrices when can_prepack), True or False."""
         if str(model).lower().endswith(".gguf"):
             raise ValueError(f"{model}: GGUF files are not read; convert it to a Hugging Face checkpoint "
                              "directory (config.json + safetensors) and pass that directory")

@@ -300,30 +300,32 @@ def test_rope_tables_equal_the_reference(checkpoint):
 
 
 def test_fused_weights_are_views_of_the_checkpoint_names(checkpoint):
-    sp = spart.SPart.load(checkpoint("llama-gqa")[0], dtype="float32")
+    sp = spart.SPart.load(checkpoint("llama-gqa")[0], dtype="float32", pack=False)  # plain tensors to compare
     lw, w = sp.layers[1], sp.w
     q, k = w["layers.1.self_attn.q_proj.weight"], w["layers.1.self_attn.k_proj.weight"]
     assert q.data_ptr() == lw.qkv_w.data_ptr() and k.data_ptr() == lw.qkv_w[q.shape[0]:].data_ptr()
     assert torch.equal(lw.up_w[sp.cfg.ffn:], w["layers.1.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("kind", ["opt-postln-proj", "llama-gqa"])
-def test_prepacked_bf16_equals_plain_and_unpacks(checkpoint, kind):
+def test_prepacked_equals_plain_and_unpacks(checkpoint, kind, dtype):
     d, model = checkpoint(kind)
-    if not fast.can_prepack(torch.device("cpu"), torch.bfloat16):
+    if not fast.can_prepack(torch.device("cpu"), getattr(torch, dtype)):
         pytest.skip("this torch has no oneDNN prepacked linear")
-    packed, plain = spart.SPart.load(d, dtype="bfloat16", pack=True), spart.SPart.load(d, dtype="bfloat16", pack=False)
-    assert packed.layers[0].qkv_w.is_mkldnn and not plain.layers[0].qkv_w.is_mkldnn
+    packed, plain = spart.SPart.load(d, dtype=dtype, pack=True), spart.SPart.load(d, dtype=dtype, pack=False)
+    assert packed.layers[0].qkv_w.is_mkldnn and not plain.layers[0].qkv_w.is_mkldnn and packed.head_w.is_mkldnn
     items = [spart.PrefillItem(p) for p in MIXED]
     for a, b in zip(packed.prefill_batch(items), plain.prefill_batch(items)):
-        # the same oneDNN bf16 arithmetic in another weight layout: bit-identical here; allowed
-        # one bf16 rounding (2^-8) of the largest value, in case another CPU's kernel sums in another order
+        # bf16: the same oneDNN arithmetic in another weight layout, bit-identical here; allowed one
+        # bf16 rounding (2^-8) of the largest value, in case another CPU's kernel sums in another
+        # order. float32: oneDNN against the BLAS F.linear calls, another summation order: 1e-5.
         for x, y, what in ((a.logits, b.logits, "logits"), (a.k, b.k, "K"), (a.v, b.v, "V")):
-            assert_close(x, y, f"{kind} packed vs plain {what}", tol=2 ** -8)
+            assert_close(x, y, f"{kind} packed vs plain {what}", tol=2 ** -8 if dtype == "bfloat16" else 1e-5)
     theirs = {spart.canonical_name(n): t for n, t in model.state_dict().items()}
     ours = packed.state_dict()
     for name, t in ours.items():
-        assert torch.equal(t, theirs[name].to(torch.bfloat16)), name
+        assert torch.equal(t, theirs[name].to(packed.dtype)), name
     assert set(ours) == set(weights.expected_shapes(packed.cfg))
 
 
