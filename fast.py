@@ -105,6 +105,19 @@ def layer_names(cfg):
 PACKED = ("qkv_w", "out_w", "up_w", "down_w")  # the LayerWeights matrices `prepack` reorders
 
 
+def stacked(parts):
+    """torch.cat(parts) along dim 0, but a view when the parts already lie back to back in one
+    buffer (weights.random_weights makes them so): no copy of the layer's matrices."""
+    first, rows = parts[0], sum(p.shape[0] for p in parts)
+    at = first.data_ptr()
+    for p in parts:
+        if not p.is_contiguous() or p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() \
+                or p.data_ptr() != at or p.shape[1:] != first.shape[1:]:
+            return torch.cat(parts) if len(parts) > 1 else first
+        at += p.numel() * p.element_size()
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]))
+
+
 def fuse_layer(cfg, w, layer):
     """LayerWeights of one layer from the canonical weights `w`, whose entries for the stacked
     matrices are replaced by views into them (no second copy; `w` still reads as a checkpoint)."""
@@ -115,7 +128,7 @@ def fuse_layer(cfg, w, layer):
             if keys[0] not in w:
                 fields[field + end] = None
                 continue
-            whole = torch.cat([w[k] for k in keys]) if len(keys) > 1 else w[keys[0]]
+            whole = stacked([w[k] for k in keys])
             start = 0
             for k in keys:
                 rows = w[k].shape[0]

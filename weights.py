@@ -143,23 +143,28 @@ POOL = 1_000_003  # a prime length, so tiled rows never line up with each other
 def random_weights(cfg, dtype, device, seed=0):
     """Random weights of the right shapes in seconds: N(0, 0.02) values drawn once into a pool,
     then tiled into each tensor from a random offset (normal_ over 1.3e9 floats takes ~15 s;
-    throughput does not depend on the values)."""
+    throughput does not depend on the values). A layer's matrices are views, in checkpoint
+    order, into one buffer of that layer, so the ones the S-Part stacks (q, k, v; gate, up) are
+    already back to back: fast.fuse_layer takes them as they are instead of copying them."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     pool = torch.empty(2 * POOL, dtype=torch.float32).normal_(0.0, 0.02, generator=g).to(dtype)
-    out = {}
-    for name, shape in expected_shapes(cfg).items():
-        if name.endswith("norm.weight"):
-            t = torch.ones(shape, dtype=dtype)
-        elif len(shape) == 1:
-            t = torch.zeros(shape, dtype=dtype)
-        else:
-            t, n = torch.empty(shape, dtype=dtype), math.prod(shape)
-            flat, start = t.view(-1), int(torch.randint(POOL, (1,), generator=g))
-            full = n // POOL
-            flat[:full * POOL].view(full, POOL).copy_(pool[start:start + POOL])  # broadcast copy
-            flat[full * POOL:].copy_(pool[start:start + n - full * POOL])
-        out[name] = t.to(device)
-    return out
+    shapes, out = expected_shapes(cfg), {}
+    groups = {}   # "layers.{i}" (the name itself outside the layers) -> the names of its matrices
+    for name, shape in shapes.items():
+        if len(shape) == 2:
+            groups.setdefault(".".join(name.split(".")[:2]) if name.startswith("layers.") else name, []).append(name)
+        else:  # norms' weights 1, biases 0
+            out[name] = (torch.ones if name.endswith("norm.weight") else torch.zeros)(shape, dtype=dtype, device=device)
+    for names in groups.values():
+        sizes = [math.prod(shapes[name]) for name in names]
+        n, start = sum(sizes), int(torch.randint(POOL, (1,), generator=g))
+        flat, full = torch.empty(n, dtype=dtype), n // POOL
+        flat[:full * POOL].view(full, POOL).copy_(pool[start:start + POOL])  # broadcast copy
+        flat[full * POOL:].copy_(pool[start:start + n - full * POOL])
+        flat = flat.to(device)
+        for name, part in zip(names, flat.split(sizes)):
+            out[name] = part.view(shapes[name])
+    return {name: out[name] for name in shapes}
 
 
 # --- tokenizer ---

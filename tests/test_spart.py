@@ -1,4 +1,5 @@
 """S-Part against Hugging Face transformers on the same weights: greedy tokens and logits."""
+import dataclasses
 import json
 import os
 
@@ -305,6 +306,24 @@ def test_fused_weights_are_views_of_the_checkpoint_names(checkpoint):
     q, k = w["layers.1.self_attn.q_proj.weight"], w["layers.1.self_attn.k_proj.weight"]
     assert q.data_ptr() == lw.qkv_w.data_ptr() and k.data_ptr() == lw.qkv_w[q.shape[0]:].data_ptr()
     assert torch.equal(lw.up_w[sp.cfg.ffn:], w["layers.1.mlp.up_proj.weight"])
+
+
+def test_random_weights_are_stacked_without_a_copy():
+    """random_weights lays a layer's matrices back to back, so fuse_layer's stacks are views;
+    parts from separate tensors (a checkpoint) are copied."""
+    cfg = dataclasses.replace(spart.KNOWN["llama-2-7b"][1], hidden=64, n_heads=4, n_kv_heads=2, ffn=96,
+                              n_layers=2, vocab_size=100, head_dim=16)
+    w = weights.random_weights(cfg, torch.float32, torch.device("cpu"))
+    assert list(w) == list(weights.expected_shapes(cfg))
+    q, k, v = (w[f"layers.1.self_attn.{x}_proj.weight"] for x in "qkv")
+    gate, up = w["layers.1.mlp.gate_proj.weight"], w["layers.1.mlp.up_proj.weight"]
+    lw = fast.fuse_layer(cfg, w, 1)
+    assert lw.qkv_w.data_ptr() == q.data_ptr() and lw.up_w.data_ptr() == gate.data_ptr()
+    assert torch.equal(lw.qkv_w, torch.cat([q, k, v])) and torch.equal(lw.up_w, torch.cat([gate, up]))
+    a, b = torch.randn(3, 4), torch.randn(2, 4)
+    assert torch.equal(fast.stacked([a, b]), torch.cat([a, b])) and fast.stacked([a, b]).data_ptr() != a.data_ptr()
+    whole = torch.randn(5, 4)
+    assert fast.stacked([whole[3:], whole[:3]]).data_ptr() != whole.data_ptr()   # adjacent, in the wrong order
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
