@@ -5,6 +5,8 @@ WARN := -Wall -Wextra
 # Fast build for this CPU; `portable` is used when the compiler refuses -march=native.
 CFLAGS_FAST := -O3 -march=native -fopenmp -fPIC -shared $(WARN)
 CFLAGS_PORTABLE := -O3 -fopenmp -fPIC -shared $(WARN)
+# independent steps side by side: `make run` builds the kernel while pip checks the requirements
+MAKEFLAGS += -j2
 
 .PHONY: all variants debug install test run bench clean
 
