@@ -126,3 +126,24 @@ def test_calibrate_writes_a_profile_that_fastdecode_uses(checkpoint, tmp_path):
     assert "perf model plan: max batch" in out.stdout
     rep = json.loads(out.stdout.strip().splitlines()[-1])
     assert rep["predicted_decode_tok_s"] > 0
+
+
+def test_repeated_bytes_repeat_one_block_that_the_kernel_reads_as_rows():
+    """calibrate's in-cache rows: every period of the view is the first one, and the kernel's
+    answer on them equals its answer on an ordinary copy of the same values."""
+    import numpy as np
+    import rpart
+    rng = np.random.default_rng(0)
+    rb = calibrate.RepeatedBytes(256 * 4 * 64 * 2, 16384)  # 256 rows of [4, 64] fp16; a row is 512 bytes
+    try:
+        K = rb.array((256, 4, 64), np.float16, rng.standard_normal((32, 4, 64)))
+        assert rb.size == K.nbytes and np.array_equal(K[32:64], K[:32]) and np.array_equal(K[224:], K[:32])
+        K[0, 0, 0] = 7.0  # one physical block: a write shows in every period
+        assert K[32, 0, 0] == 7.0 and K[224, 0, 0] == 7.0
+        q = rng.standard_normal((2, 8, 64), dtype=np.float32)
+        got = rpart.decode_attention(q, [K, K], [K, K])
+        want = rpart.decode_attention(q, [K.copy(), K.copy()], [K.copy(), K.copy()])
+        assert np.array_equal(got, want)
+    finally:
+        rb.close()
+    assert rb.addr is None
