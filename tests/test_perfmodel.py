@@ -91,6 +91,18 @@ def test_host_step_int8_reads_its_bytes_at_the_slower_of_memory_and_in_cache_rat
     assert p8["tok_s"] > 0 and p16["tok_s"] > 0
 
 
+def test_host_step_uses_the_rates_measured_on_the_models_own_heads():
+    small, large = spart.KNOWN["opt-125m"][1], spart.KNOWN["opt-1.3b"][1]
+    own = {"float16": 10.0, "int8": 8.0, "incache": {"float16": 40.0, "int8": 5.0}}
+    prof = {**PROF, "kernel": {**PROF["kernel"], "shapes": {calibrate.shape_key(small): own}}}
+    kv16 = 8 * 100 * 2 * 12 * 12 * 64 * 2
+    r16 = pm.host_step(prof, small, 8, 100)[1]["r"]                          # its own 10 GB/s, not the 20 of 32 heads
+    assert abs(r16 - (kv16 / 10e9 + small.n_layers * 5e-5)) < 1e-12
+    r8 = pm.host_step(prof, small, 8, 100, kv_dtype="int8")[1]["r"]          # its own in-cache 5 < 8 binds
+    assert abs(r8 - (8 * 100 * 2 * 12 * 12 * (64 + 4) / 5e9 + small.n_layers * 5e-5)) < 1e-12
+    assert pm.host_step(prof, large, 8, 100)[1] == pm.host_step(PROF, large, 8, 100)[1]  # other heads: the default
+
+
 def test_plan_fits_memory_and_balances_when_pipelined():
     cfg = spart.KNOWN["opt-1.3b"][1]
     per_seq = 1024 * pm.kv_bytes_per_token(cfg)
@@ -115,6 +127,8 @@ def test_calibrate_writes_a_profile_that_fastdecode_uses(checkpoint, tmp_path):
         assert key in prof
     assert prof["read_gbs"] > 0.1 and prof["kernel"]["float16"] > 0.1 and prof["loopback"]["gbs"] > 0.01
     assert prof["kernel"]["int8"] > 0.1 and min(prof["kernel"]["incache"].values()) > 0.1
+    own = prof["kernel"]["shapes"][calibrate.shape_key(spart.SPart.load(d, quiet=True).cfg)]  # the model's own heads
+    assert own["float16"] > 0.1 and own["int8"] > 0.1 and min(own["incache"].values()) > 0.1
     assert len(prof["spart_points"]) == 2 and all(t > 0 for *_, t in prof["spart_points"])
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(prof))
