@@ -101,12 +101,18 @@ FD_INLINE void tile_dots_q8(__m512 a[16], const int8_t *restrict q8, const char 
 }
 #endif
 
-// Row t's int8 scales for heads h0 .. h0 + n - 1 (n <= 16), one lane per head.
+// Row t's int8 scales for heads h0 .. h0 + n - 1 (n <= 16), one lane per head. With G > 1 a
+// lane's KV head is floor((h + 0.5) / G), exact in float for h < 2^16 (the fraction stays >= 0.5 / G
+// from an integer), and a permute picks it from the row's scales: the scalar loop with a store
+// and a vector load that this replaced stalled store forwarding on every row (Llama int8).
 FD_INLINE __m512 head_scales(const float *s, int t, int Hkv, int h0, int n, int G) {
     if (G == 1) return _mm512_maskz_loadu_ps(mask_for(n), s + (size_t)t * Hkv + h0);
-    float x[16] = {0};
-    for (int j = 0; j < n; j++) x[j] = kv_scale(s, t, Hkv, h0 + j, G);
-    return _mm512_loadu_ps(x);
+    const __m512 h = _mm512_add_ps(_mm512_set1_ps((float)h0 + 0.5f),
+                                   _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i kv = _mm512_cvttps_epi32(_mm512_mul_ps(h, _mm512_set1_ps(1.0f / (float)G)));
+    const int first = _mm_cvtsi128_si32(_mm512_castsi512_si128(kv)), left = Hkv - first;
+    const __m512 row = _mm512_maskz_loadu_ps(mask_for(left < 16 ? left : 16), s + (size_t)t * Hkv + first);
+    return _mm512_permutexvar_ps(_mm512_sub_epi32(kv, _mm512_set1_epi32(first)), row);
 }
 
 // Scores of TT token rows (k, k + row, ..) for every head: st[t * Hq + h]. A tile is 16 / TT
@@ -174,6 +180,87 @@ FD_INLINE void rows_accumulate(float *restrict acc, const float *restrict p, con
         }
     }
 }
+
+#if FD_VNNI
+// --- int8 V by integer dot products (vpdpwssd), a block at a time ---
+// Converting int8 V to float costs a widening and a conversion per 16 elements before each FMA,
+// and that bound int8 (its V pass cost as much per token as fp16's). Instead: the block's
+// weights w = p * v_scale become int16 per head (w16 = round(w * 32767 / max_t w): the error is
+// at most max w / 65534 per token, against int8 V's own max|v| / 254), V rows are widened to
+// int16, and vpdpwssd adds w16[t] * v[t] + w16[t+1] * v[t+1] into int32 lanes: 32 products per
+// instruction, no conversion. A block's sums (<= 128 * 32767 * 127 < 2^31) are scaled into the
+// float accumulators once per block (fold_q8).
+
+// w16 pairs for the block's first nb2 rows (nb2 even): wp[(t / 2) * Hq + h] holds w16[t] in its
+// low half and w16[t + 1] in its high half for head h; wq[h] = max_t w / 32767 turns sums back.
+FD_INLINE void block_weights_i16(const float *p, const float *vs, int nb2, int Hq, int Hkv, int G,
+                                 uint32_t *restrict wp, float *restrict wq) {
+    for (int h0 = 0; h0 < Hq; h0 += 16) {
+        const __mmask16 k = mask_for(Hq - h0);
+        const int n = Hq - h0 < 16 ? Hq - h0 : 16;
+        __m512 mx = _mm512_setzero_ps();
+        for (int t = 0; t < nb2; t++)
+            mx = _mm512_max_ps(mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + (size_t)t * Hq + h0), head_scales(vs, t, Hkv, h0, n, G)));
+        const __mmask16 pos = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m512 inv = _mm512_maskz_div_ps(pos, _mm512_set1_ps(32767.0f), mx);  // 0 where every w is 0
+        _mm512_mask_storeu_ps(wq + h0, k, _mm512_mul_ps(mx, _mm512_set1_ps(1.0f / 32767.0f)));
+        for (int t = 0; t < nb2; t += 2) {
+            const __m512 w0 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + (size_t)t * Hq + h0), head_scales(vs, t, Hkv, h0, n, G));
+            const __m512 w1 = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + (size_t)(t + 1) * Hq + h0), head_scales(vs, t + 1, Hkv, h0, n, G));
+            const __m512i lo = _mm512_cvtps_epi32(_mm512_mul_ps(w0, inv)), hi = _mm512_cvtps_epi32(_mm512_mul_ps(w1, inv));
+            _mm512_mask_storeu_epi32(wp + (size_t)(t / 2) * Hq + h0, k, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
+}
+
+// acci[h] += the 4 rows' w16 . v for every head (rows v, v + row, ..): per 32 elements of a row,
+// widened to int16 and interleaved with the next row's, so lane 4k + i of the first vector holds
+// d = 8k + i of the pair and of the second d = 8k + 4 + i (fold_q8 undoes this order).
+FD_INLINE void rows4_accumulate_q8(int32_t *restrict acci, const uint32_t *wp, const char *v, size_t row, size_t head,
+                                   int Hq, int Hkv, int NH, int D, Pf *pf) {
+    const uint64_t gm = div_magic(Hq / Hkv);
+    for (int h = 0; h < Hq; h += NH) {
+        const char *vh = v + (size_t)div_g(h, gm) * head;
+        pf_step(pf);
+        __m512i w01[4], w23[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < NH; j++) w01[j] = _mm512_set1_epi32((int)wp[h + j]), w23[j] = _mm512_set1_epi32((int)wp[Hq + h + j]);
+        for (int i = 0; i < D; i += 32) {
+            __m512i r[4];
+#pragma GCC unroll 4
+            for (int t = 0; t < 4; t++) r[t] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(vh + (size_t)t * row + i)));
+            const __m512i x0 = _mm512_unpacklo_epi16(r[0], r[1]), x1 = _mm512_unpackhi_epi16(r[0], r[1]);
+            const __m512i y0 = _mm512_unpacklo_epi16(r[2], r[3]), y1 = _mm512_unpackhi_epi16(r[2], r[3]);
+#pragma GCC unroll 4
+            for (int j = 0; j < NH; j++) {
+                int32_t *a = acci + (size_t)(h + j) * D + i;
+                const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 16);
+                _mm512_storeu_si512(a, _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(a0, w01[j], x0), w23[j], y0));
+                _mm512_storeu_si512(a + 16, _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(a1, w01[j], x1), w23[j], y1));
+            }
+        }
+    }
+}
+
+// acc[h] += wq[h] * acci[h] in d order, and acci = 0 for the next block. Per 32 elements the
+// sums sit as [d 0-3, 8-11, 16-19, 24-27 | d 4-7, 12-15, 20-23, 28-31]: two 128-bit shuffles each.
+FD_INLINE void fold_q8(float *restrict acc, int32_t *restrict acci, const float *wq, int Hq, int D) {
+    for (int h = 0; h < Hq; h++) {
+        const __m512 s = _mm512_set1_ps(wq[h]);
+        for (int i = 0; i < D; i += 32) {
+            int32_t *a = acci + (size_t)h * D + i;
+            float *o = acc + (size_t)h * D + i;
+            const __m512i x0 = _mm512_loadu_si512(a), x1 = _mm512_loadu_si512(a + 16);
+            const __m512i lo = _mm512_shuffle_i32x4(x0, x1, 0x44), hi = _mm512_shuffle_i32x4(x0, x1, 0xee);
+            const __m512i d0 = _mm512_shuffle_i32x4(lo, lo, 0xd8), d1 = _mm512_shuffle_i32x4(hi, hi, 0xd8);
+            _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), s, _mm512_loadu_ps(o)));
+            _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), s, _mm512_loadu_ps(o + 16)));
+            _mm512_storeu_si512(a, _mm512_setzero_si512());
+            _mm512_storeu_si512(a + 16, _mm512_setzero_si512());
+        }
+    }
+}
+#endif
 
 // exp for x <= 0 (Cody-Waite range reduction, degree-6 polynomial; ~1 ulp), 2^n by scalef.
 FD_INLINE __m512 exp_neg(__m512 x) {

@@ -72,6 +72,12 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
     const size_t head = (size_t)D * (dt == FD_F32 ? 4 : dt == FD_F16 ? 2 : 1), row = (size_t)Hkv * head;
     for (int h = 0; h < Hq; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
     memset(acc, 0, sizeof(float) * (size_t)Hq * D);
+#if FD_VNNI  // int8 V's scratch after c: int32 sums [Hq, D], weight pairs [BT / 2, Hq], their scales [Hq]
+    int32_t *acci = (int32_t *)(c + Hq);
+    uint32_t *wp = (uint32_t *)(acci + (size_t)Hq * D);
+    float *wq = (float *)(wp + (size_t)Hq * BT / 2);
+    if (dt == FD_I8) memset(acci, 0, sizeof(int32_t) * (size_t)Hq * D);
+#endif
     const int NH = G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1;  // GQA: query heads that share K and V
     const int steps = Hq / NH;  // steps of a tile: each issues its share of the prefetches
     const int pf_rows = (int)((PF_AHEAD + row - 1) / row), ahead = pf_rows > TRK ? pf_rows : TRK;  // rows
@@ -94,7 +100,24 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
             if (c[h] != 1.0f)
                 for (int i = 0; i < D; i++) acc[(size_t)h * D + i] *= c[h];
         const int tv = NH == 1 ? TRV1 : TRV;
-        for (int t = b0, n; t < b0 + nb; t += n) {  // V: every head's accumulator, tv rows at a time
+        int v0 = b0;  // the first V row left for the float path
+#if FD_VNNI
+        if (dt == FD_I8 && D % 32 == 0) {  // int8 V by vpdpwssd, 4 rows at a time (see attn_avx512.h)
+            const int nb4 = nb / 4 * 4;
+            block_weights_i16(sc, sq->vs + (size_t)b0 * Hkv, nb4, Hq, Hkv, G, wp, wq);
+            for (; v0 < b0 + nb4; v0 += 4) {
+                Pf pf = rows_ahead(sq->v, v0, 4, ahead, t1, row, steps);
+                const uint32_t *w = wp + (size_t)(v0 - b0) / 2 * Hq;
+                const char *vt = sq->v + (size_t)v0 * row;
+                if (NH == 4) rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 4, D, &pf);
+                else if (NH == 2) rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 2, D, &pf);
+                else rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 1, D, &pf);
+                pf_rest(&pf);
+            }
+            fold_q8(acc, acci, wq, Hq, D);
+        }
+#endif
+        for (int t = v0, n; t < b0 + nb; t += n) {  // V: every head's accumulator, tv rows at a time
             n = b0 + nb - t >= tv ? tv : 1;
             Pf pf = rows_ahead(sq->v, t, n, ahead, t1, row, steps);
             const char *vt = sq->v + (size_t)t * row;
@@ -231,7 +254,8 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
     const int n_items = make_items(lens, S, nthreads, total, &first, &items);
     if (n_items < 0) return n_items;
     // One allocation per call, none in the hot loop: partials, per-thread scores, q8 and its factors.
-    const size_t stride = (size_t)Hq * (BT + 1) + 16;  // a thread's scores, apart by a line
+    // a thread's scratch, apart by a line: scores [BT, Hq], c [Hq], and int8 V's (see attend_chunk)
+    const size_t stride = (size_t)Hq * (BT + 1) + (size_t)Hq * ((size_t)D + BT / 2 + 1) + 16;
     const size_t floats = (size_t)n_items * Hq * (2 + (size_t)D) + (size_t)nthreads * stride + 2 * (size_t)S * Hq;
     float *ws = malloc(sizeof(float) * floats + (size_t)S * Hq * D);
     if (!ws) { free(first); free(items); return -3; }
