@@ -25,8 +25,10 @@
 // AVX512-VNNI, q.k is an integer dot product: q is quantized per head to int8 once per call and
 // vpdpbusd multiplies 64 bytes of K by 64 of q in one instruction. vpdpbusd takes its first
 // operand unsigned, so K goes in as k + 128 (an xor with 0x80) and the surplus 128 * sum(q8) is
-// subtracted from each sum. V (and K without VNNI) is converted to float: the weights p are
-// probabilities that 8 bits cannot hold across a long context.
+// subtracted from each sum. p.V with VNNI is an integer dot product too, vpdpwssd on int16: the
+// block's weights p * v_scale rounded to int16 per head (8 bits would lose the small weights
+// beside a large one), V widened to int16 (attn_avx512.h, "int8 V"). Without VNNI, V (and K)
+// are converted to float.
 //
 // Prefetch: a row is 4 KiB for OPT-1.3b, so reading a block head by head (a column) visits a
 // new page per load, and the hardware prefetchers, which stay inside a page, fall behind. A
