@@ -8,29 +8,32 @@ CFLAGS_PORTABLE := -O3 -fopenmp -fPIC -shared $(WARN)
 # independent steps side by side: `make run` builds the kernel while pip checks the requirements
 MAKEFLAGS += -j2
 
+# the kernel: attn_cpu.c includes the shared part and one SIMD flavor (one .so, one translation unit)
+KERNEL_SRC := attn_cpu.c attn_common.h attn_avx512.h attn_portable.h
+
 .PHONY: all variants debug install test run bench clean
 
 # build attn_cpu.so (native, falling back to a portable build)
 all: attn_cpu.so
 
-attn_cpu.so: attn_cpu.c
+attn_cpu.so: $(KERNEL_SRC)
 	$(CC) $(CFLAGS_FAST) -o $@ $< -lm || $(CC) $(CFLAGS_PORTABLE) -o $@ $< -lm
 
 # the kernel's other code paths, built for this CPU's tests (tests/test_kernel.py loads each):
 # AVX-512 without VNNI (int8 q.k by conversion), AVX2+F16C+FMA, and plain C (no SIMD at all)
 variants: attn_cpu_novnni.so attn_cpu_avx2.so attn_cpu_scalar.so
 
-attn_cpu_novnni.so: attn_cpu.c
+attn_cpu_novnni.so: $(KERNEL_SRC)
 	$(CC) -O3 -march=native -mno-avx512vnni -fopenmp -fPIC -shared $(WARN) -o $@ $< -lm
 
-attn_cpu_avx2.so: attn_cpu.c
+attn_cpu_avx2.so: $(KERNEL_SRC)
 	$(CC) -O3 -mavx2 -mfma -mf16c -fopenmp -fPIC -shared $(WARN) -o $@ $< -lm
 
-attn_cpu_scalar.so: attn_cpu.c
+attn_cpu_scalar.so: $(KERNEL_SRC)
 	$(CC) -O3 -fopenmp -fPIC -shared $(WARN) -o $@ $< -lm
 
 # debug build beside the fast one (never in its place): no optimization, AddressSanitizer; then the kernel tests on it
-debug: attn_cpu.c
+debug: $(KERNEL_SRC)
 	$(CC) -g -O0 -fsanitize=address -fno-omit-frame-pointer -fopenmp -fPIC -shared $(WARN) -o attn_cpu_debug.so $< -lm
 	FASTDECODE_KERNEL=$(CURDIR)/attn_cpu_debug.so LD_PRELOAD=$$($(CC) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
 		$(PYTHON) -m pytest -q tests/test_kernel.py

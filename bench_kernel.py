@@ -2,8 +2,8 @@
 
 `python bench.py kernel` runs attn_cpu.c beside torch's SDPA on the same data, beside the
 memory's read bandwidth measured in the same rounds (the physical limit for data that does not
-fit in cache), and beside the same kernel on rows that fit in L2 (its compute ceiling), so a
-row shows which one binds. `python bench.py rpc` times one decode call through a local worker
+fit in cache), and beside the same call with every page of the rows mapping one block that stays
+in L2 (its compute ceiling: calibrate.incache_gbs), so a row shows which one binds. `python bench.py rpc` times one decode call through a local worker
 over loopback beside the kernel alone on the same q, K, V: the difference is the round trip.
 """
 import json
@@ -105,7 +105,7 @@ def bench_kernel(args):
     print(f"kernel: {info['simd']}, up to {all_threads} threads. torch SDPA needs dense [S, H, Lmax, D]: "
           "a ragged batch pads to Lmax (all lengths equal here, so torch pays no padding)")
     print("read: a STREAM-like sum over 256 MiB with the same threads, interleaved with the fp16 and int8 kernels; "
-          "$: in cache (the same kernel on rows that fit in L2: its compute ceiling); int8 GB/s count the scales")
+          "$: in cache (the same call, its rows' pages all mapping one 512 KiB block: the compute ceiling); int8 GB/s count the scales")
     hdr = (f"{'model':<11}{'S':>4}{'L':>6}{'thr':>4} | {'read':>6} {'fp16':>6} {'fp16$':>6} {'int8':>6} {'int8$':>6} "
            f"{'fp32':>6} {'t-fp32':>6} {'t-bf16':>6} | {'fraction of read':^23} | {'tokens/s':^14}")
     sub = (f"{'':<25} | {'GB/s of KV read':^62} | {'fp16':>5} {'fp16$':>5} {'int8':>5} {'int8$':>5} | "

@@ -156,11 +156,15 @@ def s_host_time(prof, cfg, b):
     return ts[-1] + (b - bs[-1]) * (ts[-1] - ts[-2]) / (bs[-1] - bs[-2])  # linear beyond the last
 
 
-def kernel_rates(prof, kv_dtype):
-    """The kernel's GB/s for kv_dtype on this machine: (from memory, in cache or None). A profile
-    from before int8 and in-cache rates were measured falls back: int8 on fp16's GB/s, and no
-    in-cache ceiling (the from-memory rate alone)."""
+def kernel_rates(prof, kv_dtype, cfg=None):
+    """The kernel's GB/s for kv_dtype on this machine: (from memory, in cache or None), measured on
+    cfg's own heads where the profile has them (the rate per byte depends on the head count).
+    A profile from before int8 and in-cache rates were measured falls back: int8 on fp16's GB/s,
+    and no in-cache ceiling (the from-memory rate alone)."""
     kern = prof["kernel"]
+    own = kern.get("shapes", {}).get(calib.shape_key(cfg)) if cfg is not None else None
+    if own and kv_dtype in own:
+        return own[kv_dtype], own.get("incache", {}).get(kv_dtype)
     return kern.get(kv_dtype, kern["float16"]), kern.get("incache", {}).get(kv_dtype)
 
 
@@ -172,7 +176,7 @@ def host_step(prof, cfg, b, mean_len, *, kv_dtype="float16", pipelined=False):
     (its compute ceiling) where that is the slower one: on a host whose cores are slow for its
     memory the instructions bind, not the bytes."""
     lo, n = prof["loopback"], cfg.n_layers
-    from_mem, in_cache = kernel_rates(prof, kv_dtype)
+    from_mem, in_cache = kernel_rates(prof, kv_dtype, cfg)
 
     def parts(b):
         s = s_host_time(prof, cfg, b)
@@ -237,6 +241,9 @@ def cmd_calibrate(a):
     print(f"memory read {prof['read_gbs']:.1f} GB/s; kernel fp16 {k['float16']:.1f} GB/s, fp32 {k['float32']:.1f} GB/s, "
           f"int8 {k['int8']:.1f} GB/s (scales counted), {k['call_s'] * 1e6:.0f} us per call; in cache (its compute "
           f"ceiling) fp16 {k['incache']['float16']:.1f} GB/s, int8 {k['incache']['int8']:.1f} GB/s")
+    for key, r in k.get("shapes", {}).items():
+        print(f"  on heads {key} (Hq x Hkv x D): fp16 {r['float16']:.1f} GB/s (in cache {r['incache']['float16']:.1f}), "
+              f"int8 {r['int8']:.1f} GB/s (in cache {r['incache']['int8']:.1f})")
     print(f"loopback: {lo['latency_s'] * 1e6:.0f} us round trip, {lo['gbs']:.2f} GB/s; a decode call costs "
           f"{lo['rpc_call_s'] * 1e6:.0f} us + {lo['rpc_per_seq_s'] * 1e6:.1f} us/sequence beyond the kernel")
     print(f"S-Part on {prof['device']} ({prof['dtype']}): {s['per_weight_s'] * 1e12:.1f} ps/weight + "

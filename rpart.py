@@ -36,7 +36,7 @@ import wire
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIB_PATH = os.path.join(HERE, "attn_cpu.so")
-SRC_PATH = os.path.join(HERE, "attn_cpu.c")
+SRC_PATHS = [os.path.join(HERE, f) for f in ("attn_cpu.c", "attn_common.h", "attn_avx512.h", "attn_portable.h")]
 
 # --- loading the kernel ---
 
@@ -52,7 +52,7 @@ def _build():
 
 
 def load_kernel():
-    """The ctypes library, built first when missing or older than attn_cpu.c. $FASTDECODE_KERNEL
+    """The ctypes library, built first when missing or older than its sources. $FASTDECODE_KERNEL
     names another build to load as it is (`make debug` makes attn_cpu_debug.so)."""
     global _lib
     with _lib_lock:
@@ -61,8 +61,8 @@ def load_kernel():
         path = os.environ.get("FASTDECODE_KERNEL")
         if not path:
             path = LIB_PATH
-            stale = (not os.path.exists(LIB_PATH) or
-                     (os.path.exists(SRC_PATH) and os.path.getmtime(SRC_PATH) > os.path.getmtime(LIB_PATH)))
+            stale = not os.path.exists(LIB_PATH) or any(
+                os.path.exists(p) and os.path.getmtime(p) > os.path.getmtime(LIB_PATH) for p in SRC_PATHS)
             if stale:
                 _build()
         lib = ctypes.CDLL(path)

@@ -172,13 +172,15 @@ def quantized(K, V):
     return list(K8), list(V8), {"key_scales": list(ks), "value_scales": list(vs)}
 
 
-def int8_bound(q, K, V, dK, dV, q_step, scale=None):
+def int8_bound(q, K, V, dK, dV, q_step, scale=None, v_int=None):
     """|out - ref| <= bound, per element, for softmax attention over K, V computed instead as if
     each K element were off by up to dK [L, Hkv] (per row), each V element by up to dV, and each
     q element by up to q_step / 2 [S, Hq] (VNNI rounds q to int8 per head), all in float64.
     A score moved by at most eps moves each weight by a factor in [e^-2eps, e^2eps], so the output
     moves by at most (e^2eps - 1) * sum_t p_t |v_t|, plus sum_t p_t dV_t from V itself; a
-    1e-4 * max|ref| term covers fp32 arithmetic (the float tests' tolerance)."""
+    1e-4 * max|ref| term covers fp32 arithmetic (the float tests' tolerance).
+    v_int = (V8, V scales), for VNNI builds: they weigh int8 V by w = p * scale rounded to int16
+    per block of 128 rows, off by up to max_block(w) / 65534 each (times e^2eps: the kernel's p)."""
     S, Hq, D = q.shape
     scale = 1.0 / np.sqrt(D) if scale is None else scale
     bound = np.empty((S, Hq, D))
@@ -192,6 +194,10 @@ def int8_bound(q, K, V, dK, dV, q_step, scale=None):
             eps = scale * (np.abs(qh).sum() * dK[s][:, h // G] + q_step[s, h] / 2 * np.abs(k).sum(1)
                            + q_step[s, h] / 2 * D * dK[s][:, h // G]).max()
             bound[s, h] = np.expm1(2 * eps) * (p @ np.abs(v)) + p @ dV[s][:, h // G] + 1e-4 * np.abs(p @ v).max()
+            if v_int is not None:
+                w = p * v_int[1][s][:, h // G]
+                w_max = np.repeat(np.maximum.reduceat(w, np.arange(0, len(w), 128)), 128)[:len(w)]
+                bound[s, h] += np.exp(2 * eps) * (w_max / 65534) @ np.abs(v_int[0][s][:, h // G].astype(np.float64))
     return bound
 
 
@@ -204,7 +210,8 @@ def check_int8(q, K8, V8, sc, simd, threads=2):
     Vd = [v * s[..., None] for v, s in zip(V8, sc["value_scales"])]
     q_step = np.abs(q).max(axis=2) / 127 if "vnni" in simd else np.zeros(q.shape[:2])
     zero = [np.zeros(k.shape[:2]) for k in K8]
-    bound = int8_bound(q, Kd, Vd, zero, zero, q_step)
+    v_int = (V8, sc["value_scales"]) if "vnni" in simd else None
+    bound = int8_bound(q, Kd, Vd, zero, zero, q_step, v_int=v_int)
     assert np.isfinite(out).all(), "non-finite output"
     worst = np.unravel_index(np.argmax(np.abs(out - ref) / bound), out.shape)
     assert (np.abs(out - ref) <= bound).all(), (f"seed {SEED} {simd}: |out - ref| {abs(out - ref)[worst]:.2e} > "
@@ -220,6 +227,20 @@ def test_int8_matches_reference_on_every_build(build, heads, D):
     lens = rng.integers(1, 700, 5)
     lens[0] = 1
     q, K, V = make_batch(rng, 5, lens, Hq, Hkv, D, np.float32)
+    check_int8(q, *quantized(K, V), build)
+
+
+@pytest.mark.parametrize("heads,D", [((32, 32), 64), ((32, 8), 128), ((12, 12), 64), ((4, 2), 96)])
+def test_int8_values_path_on_every_build(build, heads, D):
+    """Zero keys (every weight equal, no error from K or q), V rows whose scales span 100x: what
+    is left is the V path's own error (with VNNI: weights rounded to int16 per block), lengths
+    around the 4-row groups and 128-row blocks, within the bound that rounding implies."""
+    Hq, Hkv = heads
+    rng = rng_for(D, Hq, Hkv, 44)
+    lens = [1, 3, 4, 130, 515]
+    q = rng.standard_normal((len(lens), Hq, D)).astype(np.float32)
+    K = [np.zeros((n, Hkv, D), np.float32) for n in lens]
+    V = [(rng.standard_t(5, (n, Hkv, D)) * 10 ** rng.uniform(-1, 1, (n, Hkv, 1))).astype(np.float32) for n in lens]
     check_int8(q, *quantized(K, V), build)
 
 

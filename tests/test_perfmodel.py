@@ -91,6 +91,18 @@ def test_host_step_int8_reads_its_bytes_at_the_slower_of_memory_and_in_cache_rat
     assert p8["tok_s"] > 0 and p16["tok_s"] > 0
 
 
+def test_host_step_uses_the_rates_measured_on_the_models_own_heads():
+    small, large = spart.KNOWN["opt-125m"][1], spart.KNOWN["opt-1.3b"][1]
+    own = {"float16": 10.0, "int8": 8.0, "incache": {"float16": 40.0, "int8": 5.0}}
+    prof = {**PROF, "kernel": {**PROF["kernel"], "shapes": {calibrate.shape_key(small): own}}}
+    kv16 = 8 * 100 * 2 * 12 * 12 * 64 * 2
+    r16 = pm.host_step(prof, small, 8, 100)[1]["r"]                          # its own 10 GB/s, not the 20 of 32 heads
+    assert abs(r16 - (kv16 / 10e9 + small.n_layers * 5e-5)) < 1e-12
+    r8 = pm.host_step(prof, small, 8, 100, kv_dtype="int8")[1]["r"]          # its own in-cache 5 < 8 binds
+    assert abs(r8 - (8 * 100 * 2 * 12 * 12 * (64 + 4) / 5e9 + small.n_layers * 5e-5)) < 1e-12
+    assert pm.host_step(prof, large, 8, 100)[1] == pm.host_step(PROF, large, 8, 100)[1]  # other heads: the default
+
+
 def test_plan_fits_memory_and_balances_when_pipelined():
     cfg = spart.KNOWN["opt-1.3b"][1]
     per_seq = 1024 * pm.kv_bytes_per_token(cfg)
@@ -115,6 +127,8 @@ def test_calibrate_writes_a_profile_that_fastdecode_uses(checkpoint, tmp_path):
         assert key in prof
     assert prof["read_gbs"] > 0.1 and prof["kernel"]["float16"] > 0.1 and prof["loopback"]["gbs"] > 0.01
     assert prof["kernel"]["int8"] > 0.1 and min(prof["kernel"]["incache"].values()) > 0.1
+    own = prof["kernel"]["shapes"][calibrate.shape_key(spart.SPart.load(d, quiet=True).cfg)]  # the model's own heads
+    assert own["float16"] > 0.1 and own["int8"] > 0.1 and min(own["incache"].values()) > 0.1
     assert len(prof["spart_points"]) == 2 and all(t > 0 for *_, t in prof["spart_points"])
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(prof))
@@ -126,3 +140,24 @@ def test_calibrate_writes_a_profile_that_fastdecode_uses(checkpoint, tmp_path):
     assert "perf model plan: max batch" in out.stdout
     rep = json.loads(out.stdout.strip().splitlines()[-1])
     assert rep["predicted_decode_tok_s"] > 0
+
+
+def test_repeated_bytes_repeat_one_block_that_the_kernel_reads_as_rows():
+    """calibrate's in-cache rows: every period of the view is the first one, and the kernel's
+    answer on them equals its answer on an ordinary copy of the same values."""
+    import numpy as np
+    import rpart
+    rng = np.random.default_rng(0)
+    rb = calibrate.RepeatedBytes(256 * 4 * 64 * 2, 16384)  # 256 rows of [4, 64] fp16; a row is 512 bytes
+    try:
+        K = rb.array((256, 4, 64), np.float16, rng.standard_normal((32, 4, 64)))
+        assert rb.size == K.nbytes and np.array_equal(K[32:64], K[:32]) and np.array_equal(K[224:], K[:32])
+        K[0, 0, 0] = 7.0  # one physical block: a write shows in every period
+        assert K[32, 0, 0] == 7.0 and K[224, 0, 0] == 7.0
+        q = rng.standard_normal((2, 8, 64), dtype=np.float32)
+        got = rpart.decode_attention(q, [K, K], [K, K])
+        want = rpart.decode_attention(q, [K.copy(), K.copy()], [K.copy(), K.copy()])
+        assert np.array_equal(got, want)
+    finally:
+        rb.close()
+    assert rb.addr is None
