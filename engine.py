@@ -30,10 +30,6 @@ import time
 import backend
 
 backend.short_openmp_spin()  # before torch loads libgomp: see there
-# torch's big CPU buffers (the weights) in 2 MiB pages where the kernel leaves huge pages to
-# madvise: random opt-1.3b weights drawn in 0.75 s instead of 2.4 s here (fewer page faults).
-# torch reads the variable once, at its first allocation: so before it loads.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch  # noqa: E402
 
 import kvcache  # noqa: E402
