@@ -37,7 +37,8 @@ import kvcache
 import rpart
 import scheduler as sched
 import wire
-from client import WorkerClient, WorkerStartError, start_local_workers  # noqa: F401  (part of this API)
+from client import (WorkerClient, WorkerStartError, build_kernel_in_background,  # noqa: F401  (part of this API)
+                    start_local_workers)
 
 NETWORK_ERRORS = (ConnectionError, OSError, wire.ProtocolError)  # the worker is gone or unreadable
 

@@ -110,7 +110,10 @@ class LLM:
                  schedule="stabilized", max_batch=None, kv_cap=0, max_prefill_tokens=DEFAULT_PREFILL_TOKENS,
                  secret=None, trace=None, quiet=False):
         self.backend = None
+        kernel = None if worker_hosts else backend.build_kernel_in_background()  # beside the weights' loading
         self.spart = spart_mod.SPart.load(model, device=device, dtype=dtype, quiet=quiet)
+        if kernel:
+            kernel.join()
         c = self.spart.cfg
         self.kv_cfg = kvcache.KVConfig(c.n_layers, c.n_kv_heads, c.head_dim, kv_dtype, kvcache.parse_size(kv_mem))
         if pipeline is None:  # overlap pays where the two sides have their own hardware

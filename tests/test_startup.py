@@ -1,6 +1,7 @@
 """Starting up as a new user does: a plain script, workers that cannot start, bad input on the
 command line. Each runs a real subprocess, as a user's shell would."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -51,6 +52,28 @@ def test_worker_that_cannot_start_fails_fast_with_its_own_error(checkpoint):
     with pytest.raises(fastdecode.backend.WorkerStartError, match="exceeds this machine's memory"):
         fastdecode.LLM(d, workers=1, kv_mem="100TiB", quiet=True)
     assert time.time() - t < 10
+
+
+def test_kernel_is_built_on_a_thread_beside_the_weights(tmp_path, monkeypatch):
+    """`make run` leaves attn_cpu.so to the engine, which builds it on a thread while the S-Part
+    loads: the thread runs `make` for a missing library and leaves it loaded; a failed build is
+    not raised there (start_local_workers raises it with its message)."""
+    import backend
+    import rpart
+    calls = []
+    monkeypatch.setattr(rpart, "_lib", None)
+    monkeypatch.setattr(rpart, "LIB_PATH", str(tmp_path / "attn_cpu.so"))    # missing: must be built
+    monkeypatch.setattr(rpart, "_build", lambda: calls.append("make") or (_ for _ in ()).throw(RuntimeError("no cc")))
+    t = backend.build_kernel_in_background()
+    t.join(30)
+    assert not t.is_alive() and calls == ["make"] and rpart._lib is None   # tried, failed quietly
+    with pytest.raises(backend.WorkerStartError, match="no cc"):
+        backend.start_local_workers(1)
+    real = os.path.join(HERE, "attn_cpu.so")
+    monkeypatch.setattr(rpart, "_build", lambda: calls.append("make") or shutil.copy(real, rpart.LIB_PATH))
+    t = backend.build_kernel_in_background()
+    t.join(30)
+    assert calls == ["make", "make", "make"] and rpart._lib is not None and rpart.kernel_info()["simd"]
 
 
 def test_worker_port_in_use_is_a_one_line_error():
