@@ -179,6 +179,7 @@ def s_step_time(sp, b):
     """One decode step of the S-Part alone for b sequences: every layer's pre_attn and post_attn
     (with o = 0 in place of the R-Part's answer) and the LM head."""
     import torch
+    from pipeline import to_host  # the engine's own conversion (pipeline imports torch)
     c, dev = sp.cfg, sp.device
     toks, pos = torch.full((b,), 5, device=dev), torch.full((b,), 64, device=dev)
     o = np.zeros((b, c.n_heads, c.head_dim), np.float32)
@@ -188,9 +189,7 @@ def s_step_time(sp, b):
             h, rot = sp.embed(toks, pos), sp.rotary(pos)
             for layer in range(c.n_layers):
                 q, k, v = sp.pre_attn(layer, h, rot)
-                q.to("cpu", torch.float32).numpy()
-                for x in (k, v):
-                    x.to("cpu", torch.float32).numpy().astype(np.float16)
+                to_host(q, np.float32), to_host(k, np.float16), to_host(v, np.float16)
                 h = sp.post_attn(layer, h, torch.from_numpy(o).to(dev))
             sp.lm_head(h)[0, 0].item()  # waits for the device
     return median_time(step, 5)
