@@ -20,11 +20,11 @@ attn_cpu.so: $(KERNEL_SRC)
 	$(CC) $(CFLAGS_FAST) -o $@ $< -lm || $(CC) $(CFLAGS_PORTABLE) -o $@ $< -lm
 
 # the kernel's other code paths, built for this CPU's tests (tests/test_kernel.py loads each):
-# AVX-512 without VNNI (int8 q.k by conversion), AVX2+F16C+FMA, and plain C (no SIMD at all)
+# AVX-512 without VNNI and BF16 (int8 and bf16 by conversion), AVX2+F16C+FMA, and plain C (no SIMD at all)
 variants: attn_cpu_novnni.so attn_cpu_avx2.so attn_cpu_scalar.so
 
 attn_cpu_novnni.so: $(KERNEL_SRC)
-	$(CC) -O3 -march=native -mno-avx512vnni -fopenmp -fPIC -shared $(WARN) -o $@ $< -lm
+	$(CC) -O3 -march=native -mno-avx512vnni -mno-avx512bf16 -fopenmp -fPIC -shared $(WARN) -o $@ $< -lm
 
 attn_cpu_avx2.so: $(KERNEL_SRC)
 	$(CC) -O3 -mavx2 -mfma -mf16c -fopenmp -fPIC -shared $(WARN) -o $@ $< -lm

@@ -26,8 +26,11 @@
 #if FD_AVX512 && defined(__AVX512VNNI__)
 #define FD_VNNI 1   // int8 q.k by vpdpbusd
 #endif
+#if FD_AVX512 && defined(__AVX512BF16__)
+#define FD_BF16DOT 1  // bf16 q.k and p.v by vdpbf16ps
+#endif
 
-enum { FD_F32 = 0, FD_F16 = 1, FD_I8 = 2 };  // KV element types, as rpart.py passes them
+enum { FD_F32 = 0, FD_F16 = 1, FD_I8 = 2, FD_BF16 = 3 };  // KV element types, as rpart.py passes them
 
 #ifndef BT
 #define BT 128       // tokens per block: their scores are kept while the block's V is read
@@ -71,8 +74,25 @@ FD_INLINE float half_to_float(uint16_t h) {
     return f;
 }
 
+// bfloat16 is float32's top half: widening is a shift; narrowing rounds to nearest even (NaN kept NaN).
+FD_INLINE float bf16_to_float(uint16_t b) {
+    const uint32_t bits = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+FD_INLINE uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+FD_INLINE size_t kv_bytes(int dt) { return dt == FD_F32 ? 4 : dt == FD_I8 ? 1 : 2; }
+
 FD_INLINE float kv_at(const void *p, int i, int dt) {
     if (dt == FD_F16) return half_to_float(((const uint16_t *)p)[i]);
+    if (dt == FD_BF16) return bf16_to_float(((const uint16_t *)p)[i]);
     return dt == FD_I8 ? (float)((const int8_t *)p)[i] : ((const float *)p)[i];
 }
 
@@ -85,14 +105,16 @@ FD_INLINE int div_g(int h, uint64_t m) { return (int)(((uint64_t)h * m) >> 32); 
 // The scales of an int8 tile's rows are [TT, Hkv] floats; head h of row t is scaled by this.
 FD_INLINE float kv_scale(const float *s, int t, int Hkv, int h, int G) { return s[(size_t)t * Hkv + h / G]; }
 
-// What one work item reads of its sequence. q8, qmul, qcorr exist for int8 KV with VNNI only.
+// What one work item reads of its sequence. q8, qmul, qcorr exist for int8 KV with VNNI only,
+// qb for bf16 KV with AVX512-BF16 only.
 typedef struct {
     const float *q;        // [Hq, D]
-    const char *k, *v;     // [L, Hkv, D] fp32, fp16 or int8
+    const char *k, *v;     // [L, Hkv, D] fp32, fp16, int8 or bf16
     const float *ks, *vs;  // [L, Hkv] scales of int8 K and V rows (NULL otherwise)
     const int8_t *q8;      // [Hq, D] q / qstep, rounded: qstep = max|q[h]| / 127 per head
     const float *qmul;     // [Hq] scale * qstep: turns an integer dot product into a score
     const float *qcorr;    // [Hq] 128 * sum(q8[h]): what K's +128 offset added to each sum
+    const uint16_t *qb;    // [Hq, D] q rounded to bf16
 } Seq;
 
 // A prefetch cursor: bytes [at, end) of p still to be prefetched, in address order. The tile

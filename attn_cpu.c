@@ -71,14 +71,19 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
                             float *m, float *l,     // [Hq], [Hq]
                             float *acc) {           // [Hq, D]
     const int G = Hq / Hkv;
-    const size_t head = (size_t)D * (dt == FD_F32 ? 4 : dt == FD_F16 ? 2 : 1), row = (size_t)Hkv * head;
+    const size_t head = (size_t)D * kv_bytes(dt), row = (size_t)Hkv * head;
     for (int h = 0; h < Hq; h++) { m[h] = -INFINITY; l[h] = 0.0f; }
     memset(acc, 0, sizeof(float) * (size_t)Hq * D);
-#if FD_VNNI  // int8 V's scratch after c: int32 sums [Hq, D], weight pairs [BT / 2, Hq], their scales [Hq]
+    // int8 and bf16 V's scratch after c: int32 sums [Hq, D] (int8), weight pairs [BT / 2, Hq], their scales [Hq] (int8)
     int32_t *acci = (int32_t *)(c + Hq);
     uint32_t *wp = (uint32_t *)(acci + (size_t)Hq * D);
     float *wq = (float *)(wp + (size_t)Hq * BT / 2);
+#if FD_VNNI
     if (dt == FD_I8) memset(acci, 0, sizeof(int32_t) * (size_t)Hq * D);
+#endif
+    (void)wq;
+#if FD_BF16DOT
+    const int bf16_v = dt == FD_BF16 && D % 32 == 0;  // V by vdpbf16ps; acc interleaved until the end
 #endif
     const int NH = G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1;  // GQA: query heads that share K and V
     const int steps = Hq / NH;  // steps of a tile: each issues its share of the prefetches
@@ -119,6 +124,21 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
             fold_q8(acc, acci, wq, Hq, D);
         }
 #endif
+#if FD_BF16DOT
+        if (bf16_v) {  // bf16 V by vdpbf16ps, 4 rows at a time, the last tile padded (see attn_avx512.h)
+            block_weights_bf16(sc, nb, Hq, wp);
+            for (; v0 < b0 + nb; v0 += 4) {
+                Pf pf = rows_ahead(sq->v, v0, 4, ahead, t1, row, steps);
+                const uint32_t *w = wp + (size_t)(v0 - b0) / 2 * Hq;
+                const char *r[4];
+                for (int t = 0; t < 4; t++) r[t] = sq->v + (size_t)(v0 + t < b0 + nb ? v0 + t : v0) * row;
+                if (NH == 4) rows4_accumulate_bf16(acc, w, r, head, Hq, Hkv, 4, D, &pf);
+                else if (NH == 2) rows4_accumulate_bf16(acc, w, r, head, Hq, Hkv, 2, D, &pf);
+                else rows4_accumulate_bf16(acc, w, r, head, Hq, Hkv, 1, D, &pf);
+                pf_rest(&pf);
+            }
+        }
+#endif
         for (int t = v0, n; t < b0 + nb; t += n) {  // V: every head's accumulator, tv rows at a time
             n = b0 + nb - t >= tv ? tv : 1;
             Pf pf = rows_ahead(sq->v, t, n, ahead, t1, row, steps);
@@ -132,6 +152,9 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
             pf_rest(&pf);
         }
     }
+#if FD_BF16DOT
+    if (bf16_v) bf16_d_order(acc, Hq, D);
+#endif
 }
 
 // Merge the partial results of one sequence's chunks for head h into o[D] (log-sum-exp).
@@ -166,10 +189,14 @@ CHUNK_FN(chunk_f32_any, 0, FD_F32)
 CHUNK_FN(chunk_i8_d64, 64, FD_I8)
 CHUNK_FN(chunk_i8_d128, 128, FD_I8)
 CHUNK_FN(chunk_i8_any, 0, FD_I8)
+CHUNK_FN(chunk_bf16_d64, 64, FD_BF16)
+CHUNK_FN(chunk_bf16_d128, 128, FD_BF16)
+CHUNK_FN(chunk_bf16_any, 0, FD_BF16)
 
 static chunk_fn pick_chunk_fn(int D, int dt) {
     if (dt == FD_F16) return D == 64 ? chunk_f16_d64 : D == 128 ? chunk_f16_d128 : chunk_f16_any;
     if (dt == FD_I8) return D == 64 ? chunk_i8_d64 : D == 128 ? chunk_i8_d128 : chunk_i8_any;
+    if (dt == FD_BF16) return D == 64 ? chunk_bf16_d64 : D == 128 ? chunk_bf16_d128 : chunk_bf16_any;
     return D == 64 ? chunk_f32_d64 : D == 128 ? chunk_f32_d128 : chunk_f32_any;
 }
 
@@ -197,8 +224,12 @@ static void quantize_q(const float *q, int n_heads, int D, float scale, int8_t *
 // --- the entry point ---
 
 const char *fd_simd(void) {
-#if FD_VNNI
+#if FD_VNNI && FD_BF16DOT
+    return FD_SIMD "+vnni+bf16";
+#elif FD_VNNI
     return FD_SIMD "+vnni";
+#elif FD_BF16DOT
+    return FD_SIMD "+bf16";
 #else
     return FD_SIMD;
 #endif
@@ -234,7 +265,7 @@ static int make_items(const int64_t *lens, int S, int nthreads, int64_t total, i
 
 // Returns 0, or a negative code: -1 bad dims or dtype, -2 bad length or pointer, -3 out of memory.
 int fd_decode_attention(const float *q,              // [S, Hq, D]
-                        const void *const *k,        // S pointers to [L_s, Hkv, D], fp32, fp16 or int8
+                        const void *const *k,        // S pointers to [L_s, Hkv, D], fp32, fp16, int8 or bf16
                         const void *const *v,        // S pointers to [L_s, Hkv, D]
                         const float *const *ks,      // S pointers to [L_s, Hkv] scales of int8 K (else NULL)
                         const float *const *vs,      // S pointers to [L_s, Hkv] scales of int8 V (else NULL)
@@ -243,7 +274,7 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
                         int nthreads,                // <= 0: all
                         float *o) {                  // [S, Hq, D] out
     if (S < 1 || Hq < 1 || Hq > 65535 || Hkv < 1 || Hq % Hkv || D < 8 || D % 8 || D > MAX_D) return -1;
-    if (kv_dtype < FD_F32 || kv_dtype > FD_I8 || (kv_dtype == FD_I8 && (!ks || !vs))) return -1;
+    if (kv_dtype < FD_F32 || kv_dtype > FD_BF16 || (kv_dtype == FD_I8 && (!ks || !vs))) return -1;
     int64_t total = 0;
     for (int s = 0; s < S; s++) {
         if (lens[s] < 1 || lens[s] > INT32_MAX || !k[s] || !v[s]) return -2;
@@ -259,12 +290,15 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
     // a thread's scratch, apart by a line: scores [BT, Hq], c [Hq], and int8 V's (see attend_chunk)
     const size_t stride = (size_t)Hq * (BT + 1) + (size_t)Hq * ((size_t)D + BT / 2 + 1) + 16;
     const size_t floats = (size_t)n_items * Hq * (2 + (size_t)D) + (size_t)nthreads * stride + 2 * (size_t)S * Hq;
-    float *ws = malloc(sizeof(float) * floats + (size_t)S * Hq * D);
+    float *ws = malloc(sizeof(float) * floats + (size_t)S * Hq * D * (1 + sizeof(uint16_t)));
     if (!ws) { free(first); free(items); return -3; }
     float *pm = ws, *pl = pm + (size_t)n_items * Hq, *pacc = pl + (size_t)n_items * Hq;
     float *scores = pacc + (size_t)n_items * Hq * D, *qmul = scores + (size_t)nthreads * stride;
     float *qcorr = qmul + (size_t)S * Hq;
     int8_t *q8 = (int8_t *)(qcorr + (size_t)S * Hq);
+    uint16_t *qb = (uint16_t *)(q8 + (size_t)S * Hq * D);
+    if (kv_dtype == FD_BF16)
+        for (size_t i = 0; i < (size_t)S * Hq * D; i++) qb[i] = float_to_bf16(q[i]);
 #if FD_VNNI
     if (kv_dtype == FD_I8) quantize_q(q, S * Hq, D, scale, q8, qmul, qcorr);
 #else
@@ -284,7 +318,7 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
             const int s = items[i].s;
             const size_t qh = (size_t)s * Hq;
             const Seq sq = {q + qh * D, k[s], v[s], kv_dtype == FD_I8 ? ks[s] : NULL, kv_dtype == FD_I8 ? vs[s] : NULL,
-                            q8 + qh * D, qmul + qh, qcorr + qh};
+                            q8 + qh * D, qmul + qh, qcorr + qh, qb + qh * D};
             fn(&sq, items[i].t0, items[i].t1, Hq, Hkv, D, scale, sc, sc + (size_t)Hq * BT,
                pm + (size_t)i * Hq, pl + (size_t)i * Hq, pacc + (size_t)i * Hq * D);
         }

@@ -6,7 +6,8 @@ sized for prompt + max new tokens, so a sequence never grows mid-generation and 
 refused at admission, never mid-step. K and V of layer l are `[capacity, Hkv, D]` C-contiguous;
 the kernel reads the first L rows of each as views, without copies.
 
-KV dtypes: float16, float32, or int8. An int8 block holds int8 rows plus one float32 scale per
+KV dtypes: float16, float32, bfloat16 (NumPy's from ml_dtypes; the kernel's vdpbf16ps path), or
+int8. An int8 block holds int8 rows plus one float32 scale per
 token and KV head for K and for V (`[2, n_layers, capacity, Hkv]`, symmetric: x ~ scale * row);
 rows arrive as float16 (`KVConfig.row_dtype`) and are quantized here as they are written, so the
 engine, the wire and the in-process loop all hand the same float16 rows to the same rounding.
@@ -22,6 +23,7 @@ Legend: L cached length, Hkv KV heads, D head dim.
 """
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 
 DEFAULT_KV_MEM = "8GiB"   # a worker's KV budget unless told otherwise (the CLIs' --kv-mem)
@@ -52,7 +54,8 @@ def quantize_int8(x):
     return np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8), scales
 
 
-KV_DTYPES = ("float16", "float32", "int8")   # what a KVConfig accepts (the CLIs' --kv-dtype)
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)       # NumPy has no bfloat16 of its own; ml_dtypes adds it
+KV_DTYPES = ("float16", "float32", "int8", "bfloat16")   # what a KVConfig accepts (the CLIs' --kv-dtype)
 SCALE_BYTES = 4                               # an int8 row's float32 scale
 
 
@@ -65,7 +68,7 @@ class KVConfig:
     n_layers: int
     n_kv_heads: int                # Hkv
     head_dim: int                  # D
-    dtype: str = "float16"         # or "float32", "int8"
+    dtype: str = "float16"         # or "float32", "int8", "bfloat16"
     mem_bytes: int = parse_size(DEFAULT_KV_MEM)  # budget for K and V of all sequences (and scales)
 
     def __post_init__(self):

@@ -62,7 +62,10 @@ def to_host(x, dtype):
     """A device tensor as a NumPy array of `dtype` (float16/float32: for K and V the KV cache's
     row dtype, float16 for an int8 cache); one conversion, done by torch, and the .cpu() copy
     synchronizes with the GPU."""
-    return x.to("cpu", getattr(torch, np.dtype(dtype).name)).numpy()
+    dt = np.dtype(dtype)
+    if dt.name == "bfloat16":  # NumPy's bfloat16 is ml_dtypes': torch hands over the bits, NumPy names them
+        return x.to("cpu", torch.bfloat16).view(torch.int16).numpy().view(dt)
+    return x.to("cpu", getattr(torch, dt.name)).numpy()
 
 
 class DecodeStep:

@@ -95,7 +95,7 @@ def _ptr(a):
     return a.__array_interface__["data"][0]
 
 
-KERNEL_DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2}  # attn_cpu.c's codes
+KERNEL_DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, kvcache.BFLOAT16: 3}  # attn_cpu.c's
 
 
 def _pointers(name, arrays, S, check):
@@ -123,7 +123,7 @@ def _check_kv(name, arrays, S, D):
         if a.ndim != 3:
             raise ValueError(f"{name}[{i}]: expected shape [L, Hkv, D], got {a.shape}")
         if a.dtype not in KERNEL_DTYPES or a.dtype != dtype:
-            raise ValueError(f"{name}[{i}]: dtype {a.dtype}; all must be float16, all float32 or all int8")
+            raise ValueError(f"{name}[{i}]: dtype {a.dtype}; all must be float16, all float32, all int8 or all bfloat16")
         if a.shape[0] < 1:
             raise ValueError(f"{name}[{i}]: empty sequence (L = 0)")
         if a.shape[2] != D:

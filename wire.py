@@ -9,7 +9,7 @@ every field; this module only knows the layout, the size cap and the handshake.
     meta               the struct in META[type]
     payload            arrays back to back, in the order the message type names
 
-K and V travel in the worker's row dtype (kvcache.KVConfig.row_dtype): float16 or float32 as the
+K and V travel in the worker's row dtype (kvcache.KVConfig.row_dtype): float16, float32 or bfloat16 as the
 cache stores them, and float16 for an int8 cache, which the worker quantizes as it writes (so
 the scales never travel, and the in-process loop rounds exactly the same float16 rows). q and
 o are always float32.
@@ -25,6 +25,7 @@ import hmac
 import secrets
 import struct
 
+import ml_dtypes  # noqa: F401  (gives NumPy the "bfloat16" dtype that bfloat16 rows travel in)
 import numpy as np
 
 MAGIC, VERSION = b"FDR1", 1
@@ -49,7 +50,7 @@ META = {  # fixed binary meta per message type
     STATS_REPLY: struct.Struct("<6Q"),      # see STATS_FIELDS
 }
 STATS_FIELDS = ("sequences", "tokens", "bytes_used", "bytes_reserved", "bytes_free", "threads")
-KV_DTYPES = {0: "float16", 1: "float32", 2: "int8"}  # CONFIGURE's dtype code -> the KV element type
+KV_DTYPES = {0: "float16", 1: "float32", 2: "int8", 3: "bfloat16"}  # CONFIGURE's dtype code -> the KV element type
 KV_CODES = {name: code for code, name in KV_DTYPES.items()}
 
 
@@ -83,7 +84,8 @@ def send_frame(sock, mtype, meta=(), payload=()):
     sendmsg for the whole frame where the socket takes it at once (one system call, not one per
     part); the rest, if any, with sendall."""
     m = META[mtype].pack(*meta)
-    bufs = [memoryview(p).cast("B") for p in payload]
+    # arrays as their bytes: NumPy exports no buffer for ml_dtypes' bfloat16, a uint8 view of it is free
+    bufs = [memoryview(p.view(np.uint8) if isinstance(p, np.ndarray) else p).cast("B") for p in payload]
     total = sum(len(b) for b in bufs)
     parts = [HEADER.pack(MAGIC, VERSION, mtype, 0, len(m), total) + m, *bufs]
     sent = sock.sendmsg(parts)

@@ -2,8 +2,9 @@
 
 Fresh random data every run (the seed is printed on failure), outputs poisoned with NaN first.
 Error is measured per (sequence, head) row: max|out - ref| / max|ref|. int8 KV is checked
-against a bound derived from its quantization (see "int8 KV" below), on every build of the
-kernel this CPU can run: native (AVX-512 with VNNI here), AVX-512 without VNNI, AVX2, plain C.
+against a bound derived from its quantization (see "int8 KV" below), bfloat16 KV against the bound
+its rounding of q and p implies, on every build of the kernel this CPU can run: native (AVX-512
+with VNNI and BF16 here), AVX-512 without either, AVX2, plain C.
 """
 import os
 import subprocess
@@ -123,6 +124,7 @@ def bad_cases():
     yield "keys", (q, [k.tolist() for k in K], V)
     yield "values", (q, K, [V[0], V[1][:3]])  # lengths differ from keys
     yield "values", (q, K, [v.astype(np.float32) for v in V])
+    yield "values", (q, K, [v.astype(kvcache.BFLOAT16) for v in V])
 
 
 @pytest.mark.parametrize("name,args", list(bad_cases()))
@@ -293,3 +295,42 @@ def int8_bad_cases():
 def test_int8_bad_argument_raises_naming_it(name, args, kw):
     with pytest.raises(ValueError, match=f"^{name}"):
         rpart.decode_attention(*args, **kw)
+
+
+# --- bfloat16 KV: every build, against the bound its rounding implies ---
+
+def check_bf16(q, K, V, simd, threads=2):
+    """The kernel on bf16 rows against float64 on the same rows. A build with AVX512-BF16 ("bf16"
+    in simd) rounds q to bf16 (so does the reference here) and, where D % 32 == 0, each softmax
+    weight to bf16 for p.v: each weight off by at most 2^-8 of itself (8 significant bits), so the output by
+    at most 2^-8 * sum_t p_t |v_t|. Other builds widen the rows to float: no rounding beyond fp32's,
+    which the 1e-4 * max|ref| term covers (the float tests' tolerance)."""
+    dot = "bf16" in simd
+    qr = q.astype(kvcache.BFLOAT16).astype(np.float32) if dot else q
+    out = np.full(q.shape, np.nan, dtype=np.float32)
+    rpart.decode_attention(q, K, V, num_threads=threads, out=out)
+    ref = rpart.reference_attention(qr, K, V)
+    p_abs_v = rpart.reference_attention(qr, K, [np.abs(v.astype(np.float64)) for v in V])  # sum_t p_t |v_t|
+    bound = (2.0**-8 if dot and q.shape[2] % 32 == 0 else 0.0) * p_abs_v + 1e-4 * np.abs(ref).max(axis=2, keepdims=True)
+    assert np.isfinite(out).all(), "non-finite output"
+    worst = np.unravel_index(np.argmax(np.abs(out - ref) / bound), out.shape)
+    assert (np.abs(out - ref) <= bound).all(), (f"seed {SEED} {simd}: |out - ref| {abs(out - ref)[worst]:.2e} > "
+                                                f"bound {bound[worst]:.2e} at {worst}")
+
+
+@pytest.mark.parametrize("heads,D", [((32, 32), 64), ((32, 8), 128), ((12, 4), 64), ((25, 25), 96), ((6, 3), 8),
+                                     ((16, 2), 200)])
+def test_bf16_matches_reference_on_every_build(build, heads, D):
+    """bf16 K, V: the vdpbf16ps paths (GQA groups of 4, 2 and 1, an odd head count), masked head
+    sizes and D % 32 != 0 (V by conversion), lengths around the 4-row tiles (the last padded
+    with zero weights) and the 128-row blocks, q not representable in bf16."""
+    Hq, Hkv = heads
+    rng = rng_for(D, Hq, Hkv, 16)
+    lens = [1, 2, 3, 5, 130, 515]
+    q, K, V = make_batch(rng, len(lens), lens, Hq, Hkv, D, kvcache.BFLOAT16, q_scale=2.0)
+    check_bf16(q, K, V, build)
+
+
+def test_bf16_single_thread_long_sequence(build):
+    rng = rng_for(2048, 16)
+    check_bf16(*make_batch(rng, 2, [2048, 77], 32, 8, 128, kvcache.BFLOAT16), build, threads=1)
