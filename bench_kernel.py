@@ -65,6 +65,7 @@ def kernel_row(model, S, L, threads, probe_buf, rng):
     row["torch_fp32_gbs"] = kv_bytes(K32, V32) / t_torch32 / 1e9
     row["torch_bf16_gbs"] = kv_bytes(K32, V32) / 2 / torch_sdpa_timer(q, K32, V32, __import__("torch").bfloat16, threads) / 1e9
     K16, V16 = [k.astype(np.float16) for k in K32], [v.astype(np.float16) for v in V32]
+    Kb, Vb = [k.astype(kvcache.BFLOAT16) for k in K32], [v.astype(kvcache.BFLOAT16) for v in V32]
     K8, V8, sc = int8_rows(K32, V32)
     del K32, V32
     # The memory's read bandwidth drifts by 30% over minutes here (neighbours): measure it
@@ -73,28 +74,34 @@ def kernel_row(model, S, L, threads, probe_buf, rng):
     lib = rpart.load_kernel()
     fp16 = lambda: rpart.decode_attention(q, K16, V16, num_threads=threads)  # noqa: E731
     int8 = lambda: rpart.decode_attention(q, K8, V8, num_threads=threads, **sc)  # noqa: E731
+    bf16 = lambda: rpart.decode_attention(q, Kb, Vb, num_threads=threads)  # noqa: E731
     t_read, *t = best_times_interleaved(
-        [lambda: lib.fd_read_probe(probe_buf.ctypes.data, probe_buf.nbytes, threads), fp16, fp16, int8, int8])
-    t16, t8 = min(t[:2]), min(t[2:])
+        [lambda: lib.fd_read_probe(probe_buf.ctypes.data, probe_buf.nbytes, threads), fp16, fp16, int8, int8, bf16, bf16])
+    t16, t8, tb = min(t[:2]), min(t[2:4]), min(t[4:])
     row["read_gbs"] = probe_buf.nbytes / t_read / 1e9
     row["fp16_gbs"] = kv_bytes(K16, V16) / t16 / 1e9
     row["int8_gbs"] = kv_bytes(K8, V8, sc) / t8 / 1e9
+    row["bf16_gbs"] = kv_bytes(Kb, Vb) / tb / 1e9
     row["fp16_incache_gbs"] = incache_gbs(q, K16, V16, threads)
     row["int8_incache_gbs"] = incache_gbs(q, K8, V8, threads, sc)
-    row["fp16_frac_of_read"] = row["fp16_gbs"] / row["read_gbs"]
-    row["int8_frac_of_read"] = row["int8_gbs"] / row["read_gbs"]
+    row["bf16_incache_gbs"] = incache_gbs(q, Kb, Vb, threads)
+    for dt in ("fp16", "int8", "bf16"):
+        row[f"{dt}_frac_of_read"] = row[f"{dt}_gbs"] / row["read_gbs"]
     row["int8_tok_over_fp16"] = t16 / t8  # KV-tokens/s ratio on the same tokens
+    row["bf16_tok_over_fp16"] = t16 / tb
     row["fp16_tok_over_torch_fp32"] = t_torch32 / t16
     return row
 
 
+KV_COLS = ("fp16", "int8", "bf16")  # each with its in-cache twin ($)
+
+
 def print_kernel_row(r):
-    print(f"{r['model']:<11}{r['S']:>4}{r['L']:>6}{r['threads']:>4} | {r['read_gbs']:6.1f} {r['fp16_gbs']:6.1f} "
-          f"{r['fp16_incache_gbs']:6.1f} {r['int8_gbs']:6.1f} {r['int8_incache_gbs']:6.1f} {r['fp32_gbs']:6.1f} "
-          f"{r['torch_fp32_gbs']:6.1f} {r['torch_bf16_gbs']:6.1f} | {r['fp16_frac_of_read']:5.2f} "
-          f"{r['fp16_incache_gbs'] / r['read_gbs']:5.2f} {r['int8_frac_of_read']:5.2f} "
-          f"{r['int8_incache_gbs'] / r['read_gbs']:5.2f} | {r['int8_tok_over_fp16']:5.2f}x "
-          f"{r['fp16_tok_over_torch_fp32']:6.2f}x", flush=True)
+    gbs = " ".join(f"{r[f'{dt}_gbs']:6.1f} {r[f'{dt}_incache_gbs']:6.1f}" for dt in KV_COLS)
+    frac = " ".join(f"{r[f'{dt}_frac_of_read']:5.2f} {r[f'{dt}_incache_gbs'] / r['read_gbs']:5.2f}" for dt in KV_COLS)
+    print(f"{r['model']:<11}{r['S']:>4}{r['L']:>6}{r['threads']:>4} | {r['read_gbs']:6.1f} {gbs} {r['fp32_gbs']:6.1f} "
+          f"{r['torch_fp32_gbs']:6.1f} {r['torch_bf16_gbs']:6.1f} | {frac} | {r['int8_tok_over_fp16']:5.2f}x "
+          f"{r['bf16_tok_over_fp16']:5.2f}x {r['fp16_tok_over_torch_fp32']:6.2f}x", flush=True)
 
 
 def bench_kernel(args):
@@ -104,12 +111,13 @@ def bench_kernel(args):
     lengths = [2048] if args.quick else [512, 2048, 8192]
     print(f"kernel: {info['simd']}, up to {all_threads} threads. torch SDPA needs dense [S, H, Lmax, D]: "
           "a ragged batch pads to Lmax (all lengths equal here, so torch pays no padding)")
-    print("read: a STREAM-like sum over 256 MiB with the same threads, interleaved with the fp16 and int8 kernels; "
+    print("read: a STREAM-like sum over 256 MiB with the same threads, interleaved with the fp16, int8 and bf16 kernels; "
           "$: in cache (the same call, its rows' pages all mapping one 512 KiB block: the compute ceiling); int8 GB/s count the scales")
-    hdr = (f"{'model':<11}{'S':>4}{'L':>6}{'thr':>4} | {'read':>6} {'fp16':>6} {'fp16$':>6} {'int8':>6} {'int8$':>6} "
-           f"{'fp32':>6} {'t-fp32':>6} {'t-bf16':>6} | {'fraction of read':^23} | {'tokens/s':^14}")
-    sub = (f"{'':<25} | {'GB/s of KV read':^62} | {'fp16':>5} {'fp16$':>5} {'int8':>5} {'int8$':>5} | "
-           f"{'i8/16':>6} {'16/t32':>7}")
+    cols = " ".join(f"{dt:>6} {dt + '$':>6}" for dt in KV_COLS)
+    hdr = (f"{'model':<11}{'S':>4}{'L':>6}{'thr':>4} | {'read':>6} {cols} "
+           f"{'fp32':>6} {'t-fp32':>6} {'t-bf16':>6} | {'fraction of read':^35} | {'tokens/s':^21}")
+    sub = (f"{'':<25} | {'GB/s of KV read':^76} | " + " ".join(f"{dt:>5} {dt + '$':>5}" for dt in KV_COLS) + " | "
+           f"{'i8/16':>6} {'bf/16':>6} {'16/t32':>7}")
     print(hdr + "\n" + sub + "\n" + "-" * len(sub))
     rng, rows, buf = np.random.default_rng(0), [], np.ones(1 << 28, np.uint8)
     for model in SHAPES:

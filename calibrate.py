@@ -145,9 +145,9 @@ def shape_key(cfg):
     return f"{cfg.n_heads}x{cfg.n_kv_heads}x{cfg.head_dim}"
 
 
-def measure_kernel(threads, S=16, L=1024, Hkv=32, D=64, Hq=None, dtypes=("float16", "float32", "int8")):
-    """The kernel's GB/s of KV read from memory (fp16, fp32, int8 with its scales), its GB/s on
-    bytes that come from L2 (`incache`, fp16 and int8: its compute ceiling, which binds on a host
+def measure_kernel(threads, S=16, L=1024, Hkv=32, D=64, Hq=None, dtypes=("float16", "float32", "int8", "bfloat16")):
+    """The kernel's GB/s of KV read from memory (fp16, fp32, int8 with its scales, bf16), its GB/s
+    on bytes that come from L2 (`incache`, all but fp32: its compute ceiling, which binds on a host
     whose cores are slow for its memory), and the fixed cost of one call. Hq defaults to Hkv."""
     rng = np.random.default_rng(0)
     q = rng.standard_normal((S, Hq or Hkv, D), dtype=np.float32)
@@ -168,11 +168,12 @@ def measure_kernel(threads, S=16, L=1024, Hkv=32, D=64, Hq=None, dtypes=("float1
 
 
 def measure_kernel_shape(threads, cfg):
-    """fp16 and int8 rates (from memory and in cache) on one model's heads. Per byte the kernel
+    """fp16, int8 and bf16 rates (from memory and in cache) on one model's heads. Per byte the kernel
     is slower with few heads, where the per-row and per-head costs weigh more: opt-125m's 12
     against opt-1.3b's 32 ran at about 0.7x with one thread here, in cache and from memory."""
-    k = measure_kernel(threads, Hq=cfg.n_heads, Hkv=cfg.n_kv_heads, D=cfg.head_dim, dtypes=("float16", "int8"))
-    return {"float16": k["float16"], "int8": k["int8"], "incache": k["incache"]}
+    dts = ("float16", "int8", "bfloat16")
+    k = measure_kernel(threads, Hq=cfg.n_heads, Hkv=cfg.n_kv_heads, D=cfg.head_dim, dtypes=dts)
+    return {**{dt: k[dt] for dt in dts}, "incache": k["incache"]}
 
 
 def s_step_time(sp, b):

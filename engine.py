@@ -106,7 +106,7 @@ class LLM:
     them there only makes them compete, see the README)."""
 
     def __init__(self, model, *, workers=1, worker_hosts=None, device=None, dtype=None,
-                 kv_dtype="float16", kv_mem=kvcache.DEFAULT_KV_MEM, worker_threads=None, pipeline=None,
+                 kv_dtype=None, kv_mem=kvcache.DEFAULT_KV_MEM, worker_threads=None, pipeline=None,
                  schedule="stabilized", max_batch=None, kv_cap=0, max_prefill_tokens=DEFAULT_PREFILL_TOKENS,
                  secret=None, trace=None, quiet=False):
         self.backend = None
@@ -115,6 +115,8 @@ class LLM:
         if kernel:
             kernel.join()
         c = self.spart.cfg
+        # KV by default in a bf16 S-Part's own dtype: no conversion, and half fp16's kernel FMAs
+        kv_dtype = kv_dtype or ("bfloat16" if self.spart.dtype == torch.bfloat16 else "float16")
         self.kv_cfg = kvcache.KVConfig(c.n_layers, c.n_kv_heads, c.head_dim, kv_dtype, kvcache.parse_size(kv_mem))
         if pipeline is None:  # overlap pays where the two sides have their own hardware
             pipeline = self.spart.device.type != "cpu" or bool(worker_hosts)

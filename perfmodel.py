@@ -159,13 +159,12 @@ def s_host_time(prof, cfg, b):
 def kernel_rates(prof, kv_dtype, cfg=None):
     """The kernel's GB/s for kv_dtype on this machine: (from memory, in cache or None), measured on
     cfg's own heads where the profile has them (the rate per byte depends on the head count).
-    A profile from before int8 and in-cache rates were measured falls back: int8 on fp16's GB/s,
-    and no in-cache ceiling (the from-memory rate alone)."""
+    A profile from before int8, bf16 and in-cache rates were measured falls back: a missing dtype
+    on fp16's GB/s, and no in-cache ceiling (the from-memory rate alone)."""
     kern = prof["kernel"]
     own = kern.get("shapes", {}).get(calib.shape_key(cfg)) if cfg is not None else None
-    if own and kv_dtype in own:
-        return own[kv_dtype], own.get("incache", {}).get(kv_dtype)
-    return kern.get(kv_dtype, kern["float16"]), kern.get("incache", {}).get(kv_dtype)
+    rates = own if own else kern
+    return rates.get(kv_dtype, rates["float16"]), rates.get("incache", {}).get(kv_dtype)
 
 
 def host_step(prof, cfg, b, mean_len, *, kv_dtype="float16", pipelined=False):
@@ -239,11 +238,12 @@ def cmd_calibrate(a):
         json.dump(prof, f, indent=1)
     k, s, lo = prof["kernel"], prof["spart"], prof["loopback"]
     print(f"memory read {prof['read_gbs']:.1f} GB/s; kernel fp16 {k['float16']:.1f} GB/s, fp32 {k['float32']:.1f} GB/s, "
-          f"int8 {k['int8']:.1f} GB/s (scales counted), {k['call_s'] * 1e6:.0f} us per call; in cache (its compute "
-          f"ceiling) fp16 {k['incache']['float16']:.1f} GB/s, int8 {k['incache']['int8']:.1f} GB/s")
+          f"int8 {k['int8']:.1f} GB/s (scales counted), bf16 {k['bfloat16']:.1f} GB/s, {k['call_s'] * 1e6:.0f} us per "
+          f"call; in cache (its compute ceiling) fp16 {k['incache']['float16']:.1f} GB/s, int8 "
+          f"{k['incache']['int8']:.1f} GB/s, bf16 {k['incache']['bfloat16']:.1f} GB/s")
     for key, r in k.get("shapes", {}).items():
-        print(f"  on heads {key} (Hq x Hkv x D): fp16 {r['float16']:.1f} GB/s (in cache {r['incache']['float16']:.1f}), "
-              f"int8 {r['int8']:.1f} GB/s (in cache {r['incache']['int8']:.1f})")
+        print(f"  on heads {key} (Hq x Hkv x D): " + ", ".join(
+            f"{dt} {r[dt]:.1f} GB/s (in cache {r['incache'][dt]:.1f})" for dt in ("float16", "int8", "bfloat16")))
     print(f"loopback: {lo['latency_s'] * 1e6:.0f} us round trip, {lo['gbs']:.2f} GB/s; a decode call costs "
           f"{lo['rpc_call_s'] * 1e6:.0f} us + {lo['rpc_per_seq_s'] * 1e6:.1f} us/sequence beyond the kernel")
     print(f"S-Part on {prof['device']} ({prof['dtype']}): {s['per_weight_s'] * 1e12:.1f} ps/weight + "

@@ -96,7 +96,7 @@ def test_worker_quantizes_float16_rows_and_attends_like_the_reference(worker):
            (wire.DECODE, (0, 1), [np.full(1, 100, np.uint64), np.zeros(1, np.uint32), q,  # float32 k, v
                                   np.ones((1, 2, 16), np.float32), np.ones((1, 2, 16), np.float32)]),
            (wire.CONFIGURE, (2, 2, 4, 16, 0), []),            # to float16 while holding a sequence
-           (wire.CONFIGURE, (2, 2, 4, 16, 3), [])]            # no such dtype code
+           (wire.CONFIGURE, (2, 2, 4, 16, 9), [])]            # no such dtype code
     for mtype, meta, payload in bad:                          # well framed but wrong: ERROR, serve on
         with pytest.raises(RuntimeError, match="worker"):
             c.call(mtype, meta, payload)

@@ -63,8 +63,9 @@ def test_every_module_opens_with_a_docstring():
 def test_every_runtime_import_is_in_requirements():
     """Third-party modules imported by the project's modules (not the tests) are declared in
     requirements.txt; bench.py's reference contenders are test requirements."""
+    lines = [line.split("#")[0] for line in open(os.path.join(HERE, "requirements.txt"))]  # pip's comments
     declared = {line.split("==")[0].split(">")[0].split("[")[0].strip().lower().replace("-", "_")
-                for line in open(os.path.join(HERE, "requirements.txt")) if line.strip() and not line.startswith("#")}
+                for line in lines if line.strip()}
     module_of = {"yaml": "pyyaml"}  # module name -> package name where they differ
     std = set(sys.stdlib_module_names)
     test_only = {"transformers", "pytest", "openai", "gguf", "accelerate"}
