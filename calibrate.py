@@ -223,6 +223,7 @@ def measure_loopback(threads):
         over = {S: decode_overhead(c, S, threads) for S in (1, 16)}
         out["rpc_per_seq_s"] = max(0.0, (over[16] - over[1]) / 15)
         out["rpc_call_s"] = max(0.0, over[1] - out["rpc_per_seq_s"])
+        out["switch_s"] = switch_cost(c, threads)
         c.shutdown()
     finally:
         for p in procs:
@@ -231,22 +232,65 @@ def measure_loopback(threads):
     return out
 
 
-def decode_overhead(c, S, threads):
-    """Seconds a decode call of S sequences at length 64 costs beyond the kernel on the same data."""
+def decode_call(c, S, threads, L=64, first_id=100):
+    """S sequences at length L on worker c -> (a decode call of them through c, the kernel alone
+    on the same data, a function that drops them)."""
     rng = np.random.default_rng(S)
-    Ks, Vs = (rng.standard_normal((S, 64, 32, 64), dtype=np.float32).astype(np.float16) for _ in "KV")
+    Ks, Vs = (rng.standard_normal((S, L, 32, 64), dtype=np.float32).astype(np.float16) for _ in "KV")
     for i in range(S):
-        c.add_filled(100 + i, 64, Ks[i][None, :63], Vs[i][None, :63])
-    q, ids = rng.standard_normal((S, 32, 64), dtype=np.float32), list(range(100, 100 + S))
+        c.add_filled(first_id + i, L, Ks[i][None, :L - 1], Vs[i][None, :L - 1])
+    q, ids = rng.standard_normal((S, 32, 64), dtype=np.float32), list(range(first_id, first_id + S))
 
     def call():
-        c.send_decode(0, ids, [63] * S, q, Ks[:, 63], Vs[:, 63])
+        c.send_decode(0, ids, [L - 1] * S, q, Ks[:, L - 1], Vs[:, L - 1])
         c.recv_out((S, 32, 64))
-    rpc = best_time(call, 30)
-    kernel = best_time(lambda: rpart.decode_attention(q, list(Ks), list(Vs), num_threads=threads), 30)
-    for i in range(S):
-        c.drop(100 + i)
-    return rpc - kernel
+    return (call, lambda: rpart.decode_attention(q, list(Ks), list(Vs), num_threads=threads),
+            lambda: [c.drop(i) for i in ids])
+
+
+def decode_overhead(c, S, threads):
+    """Seconds a decode call of S sequences at length 64 costs beyond the kernel on the same data."""
+    call, kernel, drop = decode_call(c, S, threads)
+    try:
+        return best_time(call, 30) - best_time(kernel, 30)
+    finally:
+        drop()
+
+
+def switch_cost(c, threads, S=16, n=5, reps=20):
+    """Seconds per layer that alternating with the S-Part adds to a decode call and the S-Part
+    together, beyond each run back to back. On cores both sides share, each hands them to the
+    other once per layer (the other's threads wake; L1, L2 and the TLBs hold the other's data).
+    A torch burst of a layer's size stands in for the S-Part. Both sides cycle through n sets of
+    data (84 MB of KV, 47 MB of weights), as the engine's layers do, so neither finds its data in
+    L3 alone or alternated: with one set each, the 8 MB of KV that back-to-back calls kept in L3
+    made the switch 0.4-1.0 ms, cold both ways 0.27-0.66 ms. The median of three rounds of
+    medians (the noise here is of the same size)."""
+    import torch
+    torch.set_num_threads(threads)
+    x, ws = torch.randn(S, 768), [torch.randn(3072, 768) for _ in range(n)]
+    calls = [decode_call(c, S, threads, L=128, first_id=1000 * (j + 1)) for j in range(n)]
+    turn = [0]
+
+    def burst():
+        with torch.inference_mode():
+            for _ in range(2):
+                torch.nn.functional.linear(x, ws[turn[0] % n])
+                turn[0] += 1
+
+    def call():
+        calls[turn[0] % n][0]()
+        turn[0] += 1
+
+    def alternate():
+        burst()
+        call()
+    try:
+        return max(0.0, float(np.median([median_time(alternate, reps) - median_time(burst, reps) - median_time(call, reps)
+                                         for _ in range(3)])))
+    finally:
+        for _, _, drop in calls:
+            drop()
 
 
 def calibrate(models=("opt-125m", "opt-1.3b"), batches=(1, 4, 8, 16, 32, 64), device=None, progress=True):

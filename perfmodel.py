@@ -170,7 +170,8 @@ def kernel_rates(prof, kv_dtype, cfg=None):
 def host_step(prof, cfg, b, mean_len, *, kv_dtype="float16", pipelined=False):
     """Predicted decode step (seconds) of fastdecode.py with b sequences of mean KV length
     mean_len, on the machine `prof` describes -> (seconds, parts {s, r, x}). Serial when the two
-    sides share the cores: S + R + X; pipelined: two stages of max(S, R + X) of b/2 each.
+    sides share the cores: S + R + X, X with the cost of handing the cores over twice a layer;
+    pipelined (a GPU, or workers on other hosts): two stages of max(S, R + X) of b/2 each.
     The R-Part reads its KV bytes at the kernel's calibrated rate, or at its in-cache rate
     (its compute ceiling) where that is the slower one: on a host whose cores are slow for its
     memory the instructions bind, not the bytes."""
@@ -182,7 +183,8 @@ def host_step(prof, cfg, b, mean_len, *, kv_dtype="float16", pipelined=False):
         kv = b * mean_len * kv_bytes_per_token(cfg, kv_dtype)
         r = max(kv / (from_mem * 1e9), kv / (in_cache * 1e9) if in_cache else 0.0) + n * prof["kernel"]["call_s"]
         wire = b * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim * 4  # q, o fp32; k, v (upper bound)
-        x = n * (wire / (lo["gbs"] * 1e9) + lo["rpc_call_s"] + lo["rpc_per_seq_s"] * b)
+        x = n * (wire / (lo["gbs"] * 1e9) + lo["rpc_call_s"] + lo["rpc_per_seq_s"] * b
+                 + (0.0 if pipelined else lo.get("switch_s", 0.0)))  # sharing the cores: calibrate.switch_cost
         return s, r, x
     if not pipelined:
         s, r, x = parts(b)
@@ -245,7 +247,8 @@ def cmd_calibrate(a):
         print(f"  on heads {key} (Hq x Hkv x D): " + ", ".join(
             f"{dt} {r[dt]:.1f} GB/s (in cache {r['incache'][dt]:.1f})" for dt in ("float16", "int8", "bfloat16")))
     print(f"loopback: {lo['latency_s'] * 1e6:.0f} us round trip, {lo['gbs']:.2f} GB/s; a decode call costs "
-          f"{lo['rpc_call_s'] * 1e6:.0f} us + {lo['rpc_per_seq_s'] * 1e6:.1f} us/sequence beyond the kernel")
+          f"{lo['rpc_call_s'] * 1e6:.0f} us + {lo['rpc_per_seq_s'] * 1e6:.1f} us/sequence beyond the kernel, and "
+          f"{lo['switch_s'] * 1e6:.0f} us per layer where it alternates with the S-Part on shared cores")
     print(f"S-Part on {prof['device']} ({prof['dtype']}): {s['per_weight_s'] * 1e12:.1f} ps/weight + "
           f"{s['per_weight_seq_s'] * 1e12:.1f} ps/weight/sequence + {s['per_layer_s'] * 1e6:.0f} us/layer")
     for w, n, b, t in prof["spart_points"]:

@@ -51,7 +51,8 @@ def test_choice_respects_capacity_and_gpu_only_cap():
 
 PROF = {"spart": {"per_weight_s": 4e-11, "per_weight_seq_s": 1e-11, "per_layer_s": 1e-4},
         "kernel": {"float16": 20.0, "float32": 25.0, "call_s": 5e-5},
-        "loopback": {"latency_s": 3e-5, "gbs": 1.0, "rpc_call_s": 1e-4, "rpc_per_seq_s": 2e-6}}
+        "loopback": {"latency_s": 3e-5, "gbs": 1.0, "rpc_call_s": 1e-4, "rpc_per_seq_s": 2e-6,
+                     "switch_s": 3e-4}}
 
 
 def test_fit_spart_recovers_known_costs():
@@ -69,12 +70,12 @@ def test_host_step_by_hand():
     t, parts = pm.host_step(PROF, cfg, 8, 100)
     s = W * (4e-11 + 8e-11) + n * 1e-4
     r = 8 * 100 * (2 * 12 * 12 * 64 * 2) / 20e9 + n * 5e-5
-    x = n * (8 * 4 * 768 * 4 / 1e9 + 1e-4 + 8 * 2e-6)
+    x = n * (8 * 4 * 768 * 4 / 1e9 + 1e-4 + 8 * 2e-6 + 3e-4)  # serial: sharing the cores, the switch counts
     assert abs(parts["s"] - s) < 1e-12 and abs(parts["r"] - r) < 1e-12 and abs(parts["x"] - x) < 1e-12
     assert abs(t - (s + r + x)) < 1e-12
-    tp, _ = pm.host_step(PROF, cfg, 8, 100, pipelined=True)   # two stages of max(S, R + X) of 4 each
+    tp, _ = pm.host_step(PROF, cfg, 8, 100, pipelined=True)   # two stages of max(S, R + X) of 4 each, no switch
     s4, r4, x4 = (pm.host_step(PROF, cfg, 4, 100)[1][k] for k in "srx")
-    assert abs(tp - 2 * max(s4, r4 + x4)) < 1e-12
+    assert abs(tp - 2 * max(s4, r4 + x4 - n * 3e-4)) < 1e-12
 
 
 def test_host_step_int8_reads_its_bytes_at_the_slower_of_memory_and_in_cache_rates():
@@ -126,6 +127,7 @@ def test_calibrate_writes_a_profile_that_fastdecode_uses(checkpoint, tmp_path):
     for key in ("read_gbs", "kernel", "loopback", "spart", "device"):
         assert key in prof
     assert prof["read_gbs"] > 0.1 and prof["kernel"]["float16"] > 0.1 and prof["loopback"]["gbs"] > 0.01
+    assert 0 <= prof["loopback"]["switch_s"] < 0.05
     assert prof["kernel"]["int8"] > 0.1 and min(prof["kernel"]["incache"].values()) > 0.1
     own = prof["kernel"]["shapes"][calibrate.shape_key(spart.SPart.load(d, quiet=True).cfg)]  # the model's own heads
     assert own["float16"] > 0.1 and own["int8"] > 0.1 and min(own["incache"].values()) > 0.1
