@@ -9,7 +9,7 @@ of the physical limit (GB/s of KV read over the memory read bandwidth measured h
     python bench.py model                       # the performance model vs measured throughput
     python bench.py trace FILE                  # text picture of one step of a --trace file
     python bench.py serve --request-rate 4      # a running server.py under Poisson arrivals
-    python bench.py kv-accuracy                 # int8 vs float16 KV on real text: logits, greedy tokens
+    python bench.py kv-accuracy                 # int8, bf16 vs float16 KV on real text: logits, greedy tokens
 """
 import argparse
 import json

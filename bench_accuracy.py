@@ -111,23 +111,25 @@ def bench_kv_accuracy(args):
     model = args.model or smollm2_dir()
     from tokenizers import Tokenizer
     ids = Tokenizer.from_file(os.path.join(model, "tokenizer.json")).encode(TEXT).ids
-    logits, tokens = kv_accuracy(model, ids, args.prompt_tokens, ("float16", "int8", "float32"), args.gen_len, args.dtype)
+    logits, tokens = kv_accuracy(model, ids, args.prompt_tokens, ("float16", "int8", "bfloat16", "float32"), args.gen_len,
+                                 args.dtype)
     print(f"{model} (S-Part {args.dtype}): {len(ids)} tokens of text, {args.prompt_tokens} prefilled, "
           f"{len(ids) - args.prompt_tokens} teacher-forced decode steps; greedy generation of {args.gen_len} tokens "
-          f"from the same prompt. Against float32 KV, and int8 against float16:")
+          f"from the same prompt. Against float32 KV, and int8 and bfloat16 against float16:")
     res = {}
-    for dt in ("int8", "float16"):
+    for dt in ("int8", "bfloat16", "float16"):
         r = compare(logits["float32"], logits[dt])
         r["greedy_first_divergence"] = first_divergence(tokens["float32"], tokens[dt])
         res[f"{dt}_vs_float32"] = r
-    res["int8_vs_float16"] = r8 = compare(logits["float16"], logits["int8"])
-    r8["greedy_first_divergence"] = first_divergence(tokens["float16"], tokens["int8"])
+    for dt in ("int8", "bfloat16"):
+        res[f"{dt}_vs_float16"] = r = compare(logits["float16"], logits[dt])
+        r["greedy_first_divergence"] = first_divergence(tokens["float16"], tokens[dt])
     for name, r in res.items():
-        print(f"{name:>17}: greedy agreement {100 * r['greedy_agree']:.1f}% of {r['positions']}, logits rel. error "
+        print(f"{name:>19}: greedy agreement {100 * r['greedy_agree']:.1f}% of {r['positions']}, logits rel. error "
               f"median {r['rel_err_median']:.2e} max {r['rel_err_max']:.2e}, max |diff| {r['max_abs_diff']:.3f} "
               f"(logit range {r['logit_range']:.1f}); generation agrees for {r['greedy_first_divergence']} tokens")
         for f in r["flips"]:
-            print(f"{'':>19}flip at {f['pos']}: top-2 margin {f['margin']:.3f} < 2 max|diff| {f['two_max_diff']:.3f}")
+            print(f"{'':>21}flip at {f['pos']}: top-2 margin {f['margin']:.3f} < 2 max|diff| {f['two_max_diff']:.3f}")
     print(json.dumps(res if args.json else {k: {"greedy_agree": v["greedy_agree"], "rel_err_max": v["rel_err_max"]}
                                             for k, v in res.items()}))
 
@@ -148,7 +150,7 @@ def smollm2_dir():
 
 def add_parser(sub):
     """The `kv-accuracy` subcommand of bench.py."""
-    v = sub.add_parser("kv-accuracy", help="int8 vs float16 (vs float32) KV: logits and greedy tokens on real text")
+    v = sub.add_parser("kv-accuracy", help="int8 and bfloat16 vs float16 (vs float32) KV: logits and greedy tokens on real text")
     v.add_argument("--model", default=None, help="checkpoint directory with tokenizer.json (default: SmolLM2-135M-Instruct)")
     v.add_argument("--prompt-tokens", type=int, default=16, help="tokens prefilled before teacher-forced decoding")
     v.add_argument("--gen-len", type=int, default=128, help="tokens of greedy generation to compare")
