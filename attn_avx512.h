@@ -329,9 +329,9 @@ FD_INLINE void fold_q8(float *restrict acc, int32_t *restrict acci, const float 
 // order once, at its end (bf16_d_order).
 
 // wp[(t / 2) * Hq + h] = bf16(p[t][h]) | bf16(p[t + 1][h]) << 16 for the block's nb rows, padded
-// with zero weights to a multiple of 4 rows.
+// with zero weights to a multiple of TRB rows.
 FD_INLINE void block_weights_bf16(const float *p, int nb, int Hq, uint32_t *restrict wp) {
-    for (int t = 0; t < (nb + 3) / 4 * 4; t += 2)
+    for (int t = 0; t < (nb + TRB - 1) / TRB * TRB; t += 2)
         for (int h0 = 0; h0 < Hq; h0 += 16) {
             const __mmask16 k = mask_for(Hq - h0);
             const __m512 w0 = _mm512_maskz_loadu_ps(t < nb ? k : 0, p + (size_t)t * Hq + h0);
@@ -342,29 +342,34 @@ FD_INLINE void block_weights_bf16(const float *p, int nb, int Hq, uint32_t *rest
         }
 }
 
-// acc[h] (interleaved order) += the 4 rows' weighted V for every head; r[t] are the rows (a row
+// acc[h] (interleaved order) += the TRB rows' weighted V for every head; r[t] are the rows (a row
 // past the block's end repeats the first, under a zero weight).
-FD_INLINE void rows4_accumulate_bf16(float *restrict acc, const uint32_t *wp, const char *const r[4], size_t head,
-                                     int Hq, int Hkv, int NH, int D, Pf *pf) {
+FD_INLINE void rows_accumulate_bf16(float *restrict acc, const uint32_t *wp, const char *const r[TRB], size_t head,
+                                    int Hq, int Hkv, int NH, int D, Pf *pf) {
     const uint64_t gm = div_magic(Hq / Hkv);
     for (int h = 0; h < Hq; h += NH) {
         const size_t off = (size_t)div_g(h, gm) * head;
         pf_step(pf);
-        __m512bh w01[4], w23[4];
+        __m512bh w[TRB / 2][4];
 #pragma GCC unroll 4
-        for (int j = 0; j < NH; j++)
-            w01[j] = (__m512bh)_mm512_set1_epi32((int)wp[h + j]), w23[j] = (__m512bh)_mm512_set1_epi32((int)wp[Hq + h + j]);
+        for (int u = 0; u < TRB / 2; u++)
+#pragma GCC unroll 4
+            for (int j = 0; j < NH; j++) w[u][j] = (__m512bh)_mm512_set1_epi32((int)wp[(size_t)u * Hq + h + j]);
         for (int i = 0; i < D; i += 32) {
-            __m512i x[4];
+            __m512bh lo[TRB / 2], hi[TRB / 2];
 #pragma GCC unroll 4
-            for (int t = 0; t < 4; t++) x[t] = _mm512_loadu_si512(r[t] + off + 2 * (size_t)i);
-            const __m512bh x0 = (__m512bh)_mm512_unpacklo_epi16(x[0], x[1]), x1 = (__m512bh)_mm512_unpackhi_epi16(x[0], x[1]);
-            const __m512bh y0 = (__m512bh)_mm512_unpacklo_epi16(x[2], x[3]), y1 = (__m512bh)_mm512_unpackhi_epi16(x[2], x[3]);
+            for (int u = 0; u < TRB / 2; u++) {
+                const __m512i x0 = _mm512_loadu_si512(r[2 * u] + off + 2 * (size_t)i);
+                const __m512i x1 = _mm512_loadu_si512(r[2 * u + 1] + off + 2 * (size_t)i);
+                lo[u] = (__m512bh)_mm512_unpacklo_epi16(x0, x1), hi[u] = (__m512bh)_mm512_unpackhi_epi16(x0, x1);
+            }
 #pragma GCC unroll 4
             for (int j = 0; j < NH; j++) {
                 float *a = acc + (size_t)(h + j) * D + i;
-                _mm512_storeu_ps(a, _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_loadu_ps(a), x0, w01[j]), y0, w23[j]));
-                _mm512_storeu_ps(a + 16, _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_loadu_ps(a + 16), x1, w01[j]), y1, w23[j]));
+                __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
+#pragma GCC unroll 4
+                for (int u = 0; u < TRB / 2; u++) a0 = _mm512_dpbf16_ps(a0, lo[u], w[u][j]), a1 = _mm512_dpbf16_ps(a1, hi[u], w[u][j]);
+                _mm512_storeu_ps(a, a0), _mm512_storeu_ps(a + 16, a1);
             }
         }
     }

@@ -125,16 +125,16 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
         }
 #endif
 #if FD_BF16DOT
-        if (bf16_v) {  // bf16 V by vdpbf16ps, 4 rows at a time, the last tile padded (see attn_avx512.h)
+        if (bf16_v) {  // bf16 V by vdpbf16ps, TRB rows at a time, the last tile padded (see attn_avx512.h)
             block_weights_bf16(sc, nb, Hq, wp);
-            for (; v0 < b0 + nb; v0 += 4) {
-                Pf pf = rows_ahead(sq->v, v0, 4, ahead, t1, row, steps);
+            for (; v0 < b0 + nb; v0 += TRB) {
+                Pf pf = rows_ahead(sq->v, v0, TRB, ahead, t1, row, steps);
                 const uint32_t *w = wp + (size_t)(v0 - b0) / 2 * Hq;
-                const char *r[4];
-                for (int t = 0; t < 4; t++) r[t] = sq->v + (size_t)(v0 + t < b0 + nb ? v0 + t : v0) * row;
-                if (NH == 4) rows4_accumulate_bf16(acc, w, r, head, Hq, Hkv, 4, D, &pf);
-                else if (NH == 2) rows4_accumulate_bf16(acc, w, r, head, Hq, Hkv, 2, D, &pf);
-                else rows4_accumulate_bf16(acc, w, r, head, Hq, Hkv, 1, D, &pf);
+                const char *r[TRB];
+                for (int t = 0; t < TRB; t++) r[t] = sq->v + (size_t)(v0 + t < b0 + nb ? v0 + t : v0) * row;
+                if (NH == 4) rows_accumulate_bf16(acc, w, r, head, Hq, Hkv, 4, D, &pf);
+                else if (NH == 2) rows_accumulate_bf16(acc, w, r, head, Hq, Hkv, 2, D, &pf);
+                else rows_accumulate_bf16(acc, w, r, head, Hq, Hkv, 1, D, &pf);
                 pf_rest(&pf);
             }
         }
