@@ -72,9 +72,9 @@ def workload(llm, B, P):
     return [rng.integers(4, llm.spart.cfg.vocab_size, P).tolist() for _ in range(B)]
 
 
-def engine_per_model(configs, dtype=None, kv_dtype="float16"):
+def engine_per_model(configs, dtype=None, kv_dtype=None):
     """(llm, model, B, P, prompts) for each (model, B, P) config: one engine per model (one local
-    worker, KV of kv_dtype), closed when done with."""
+    worker, KV of kv_dtype, None: the engine's default), closed when done with."""
     import fastdecode
     llm, loaded = None, None
     try:
@@ -130,7 +130,8 @@ def bench_e2e(args):
     import torch
     torch.set_num_threads(os.cpu_count())  # transformers' setting; the engine's prefill does the same
     configs = [c for c in E2E_CONFIGS if c[0] in args.models and (not args.quick or c[2] == 128)]
-    print(f"engine: 1 local worker, fp16 KV, naive admission, prefill packed; transformers "
+    print(f"engine: 1 local worker, its default KV (bf16 with a bf16 S-Part, else fp16), naive admission, "
+          f"prefill packed; transformers "
           f"{__import__('transformers').__version__}: DynamicCache, {os.cpu_count()} threads; gen {args.gen_len}, greedy")
     hdr = (f"{'model':<9}{'B':>3}{'P':>6} {'dtype':>9} | {'decode':>8} {'prefill':>7} {'total':>8} | "
            f"{'hf dec':>8} {'hf pre':>7} {'hf tot':>8} | {'total':>6} | same")
@@ -220,7 +221,8 @@ def bench_model(args):
            f"{'S':>6} {'R':>6} {'X':>6} ms (pred)")
     print(hdr + "\n" + "-" * len(hdr))
     rows = []
-    runs = itertools.chain(engine_per_model(MODEL_CONFIGS), engine_per_model(MODEL_CONFIGS_INT8, kv_dtype="int8"))
+    runs = itertools.chain(engine_per_model(MODEL_CONFIGS, kv_dtype="float16"),
+                           engine_per_model(MODEL_CONFIGS_INT8, kv_dtype="int8"))
     for llm, model, B, P, prompts in runs:
         kv = llm.kv_cfg.dtype
         measured = max(run_engine(llm, prompts, args.gen_len)["decode_tok_s"] for _ in range(args.rounds))
