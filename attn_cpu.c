@@ -297,8 +297,10 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
     float *qcorr = qmul + (size_t)S * Hq;
     int8_t *q8 = (int8_t *)(qcorr + (size_t)S * Hq);
     uint16_t *qb = (uint16_t *)(q8 + (size_t)S * Hq * D);
+#if FD_BF16DOT  // bf16 q for vdpbf16ps; other builds widen bf16 K and keep q in float
     if (kv_dtype == FD_BF16)
         for (size_t i = 0; i < (size_t)S * Hq * D; i++) qb[i] = float_to_bf16(q[i]);
+#endif
 #if FD_VNNI
     if (kv_dtype == FD_I8) quantize_q(q, S * Hq, D, scale, q8, qmul, qcorr);
 #else
