@@ -13,45 +13,33 @@ FD_INLINE __m512 load16(const void *p, int i, int dt, __mmask16 m) {
 }
 FD_INLINE __mmask16 mask_for(int left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1); }
 
+// x + y as floats, or (ints) as the int32 lanes their bits hold: one reduction serves both.
+FD_INLINE __m512 add_as(__m512 x, __m512 y, int ints) {
+    if (!ints) return _mm512_add_ps(x, y);
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(x), _mm512_castps_si512(y)));
+}
 // Sum each of x, y's 128-bit chunks pairwise (chunks 0+2, 1+3 of x, then of y; or, for sel 1,
 // chunks 0+1, 2+3): the first two levels of a transposed reduction.
-FD_INLINE __m512 fold_chunks(__m512 x, __m512 y, int sel) {
-    if (sel == 0) return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xee));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xdd));
+FD_INLINE __m512 fold_chunks(__m512 x, __m512 y, int sel, int ints) {
+    if (sel == 0) return add_as(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xee), ints);
+    return add_as(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xdd), ints);
 }
 // The same inside each 128-bit chunk: lanes 0+2, 1+3 (sel 0) or 0+1, 2+3 (sel 1).
-FD_INLINE __m512 fold_lanes(__m512 x, __m512 y, int sel) {
-    if (sel == 0) return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xee));
-    return _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xdd));
+FD_INLINE __m512 fold_lanes(__m512 x, __m512 y, int sel, int ints) {
+    if (sel == 0) return add_as(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xee), ints);
+    return add_as(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xdd), ints);
 }
 
 // Reduce 16 vectors to one vector of their 16 horizontal sums in 15 folds of two shuffles and
-// an add each. The sum of a[j] lands in lane 4 * (j % 4) + j / 4 (see hsum_lane).
-FD_INLINE __m512 hsum16x16(const __m512 a[16]) {
+// an add each. The sum of a[j] lands in lane 4 * (j % 4) + j / 4 (see hsum_lane). With ints,
+// the vectors hold int32 lanes (int8 K's exact sums: the shuffles only move bits), and so does
+// the result: one conversion afterwards instead of one per vector.
+FD_INLINE __m512 hsum16x16(const __m512 a[16], int ints) {
     __m512 b[8], c[4], d[2];
-    for (int j = 0; j < 8; j++) b[j] = fold_chunks(a[2 * j], a[2 * j + 1], 0);
-    for (int j = 0; j < 4; j++) c[j] = fold_chunks(b[2 * j], b[2 * j + 1], 1);
-    for (int j = 0; j < 2; j++) d[j] = fold_lanes(c[2 * j], c[2 * j + 1], 0);
-    return fold_lanes(d[0], d[1], 1);
-}
-// The same on int32 lanes (int8 K's exact sums): the shuffles are bit moves, the adds integer ones;
-// one conversion of the result instead of one per vector (16 fewer instructions per tile).
-FD_INLINE __m512i hsum16x16_epi32(const __m512i a[16]) {
-    __m512i b[8], c[4], d[2];
-#define FD_I(x) _mm512_castps_si512(x)
-#define FD_F(x) _mm512_castsi512_ps(x)
-    for (int j = 0; j < 8; j++)
-        b[j] = _mm512_add_epi32(FD_I(_mm512_shuffle_f32x4(FD_F(a[2 * j]), FD_F(a[2 * j + 1]), 0x44)),
-                                FD_I(_mm512_shuffle_f32x4(FD_F(a[2 * j]), FD_F(a[2 * j + 1]), 0xee)));
-    for (int j = 0; j < 4; j++)
-        c[j] = _mm512_add_epi32(FD_I(_mm512_shuffle_f32x4(FD_F(b[2 * j]), FD_F(b[2 * j + 1]), 0x88)),
-                                FD_I(_mm512_shuffle_f32x4(FD_F(b[2 * j]), FD_F(b[2 * j + 1]), 0xdd)));
-    for (int j = 0; j < 2; j++)
-        d[j] = _mm512_add_epi32(FD_I(_mm512_shuffle_ps(FD_F(c[2 * j]), FD_F(c[2 * j + 1]), 0x44)),
-                                FD_I(_mm512_shuffle_ps(FD_F(c[2 * j]), FD_F(c[2 * j + 1]), 0xee)));
-    return _mm512_add_epi32(FD_I(_mm512_shuffle_ps(FD_F(d[0]), FD_F(d[1]), 0x88)), FD_I(_mm512_shuffle_ps(FD_F(d[0]), FD_F(d[1]), 0xdd)));
-#undef FD_I
-#undef FD_F
+    for (int j = 0; j < 8; j++) b[j] = fold_chunks(a[2 * j], a[2 * j + 1], 0, ints);
+    for (int j = 0; j < 4; j++) c[j] = fold_chunks(b[2 * j], b[2 * j + 1], 1, ints);
+    for (int j = 0; j < 2; j++) d[j] = fold_lanes(c[2 * j], c[2 * j + 1], 0, ints);
+    return fold_lanes(d[0], d[1], 1, ints);
 }
 FD_INLINE __m512i hsum_lane(__m512i j) {
     return _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(j, _mm512_set1_epi32(3)), 2), _mm512_srli_epi32(j, 2));
@@ -127,7 +115,10 @@ FD_INLINE __m512 tile_sums_q8(const int8_t *restrict q8, const char *k, size_t r
             }
         }
     }
-    return _mm512_cvtepi32_ps(hsum16x16_epi32(ai));
+    __m512 bits[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; j++) bits[j] = _mm512_castsi512_ps(ai[j]);
+    return _mm512_cvtepi32_ps(_mm512_castps_si512(hsum16x16(bits, 1)));
 }
 #endif
 
@@ -201,7 +192,7 @@ FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t
             else
 #endif
             tile_dots(a, sq->q, k, row, TT, head, h0, Hq, G, NH, D, dt, pf);
-            s = hsum16x16(a);
+            s = hsum16x16(a, 0);
         }
         const int n = Hq - h0 < HG ? Hq - h0 : HG;
         const __mmask16 keep = mask_for(n);
