@@ -287,7 +287,7 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
     const int n_items = make_items(lens, S, nthreads, total, &first, &items);
     if (n_items < 0) return n_items;
     // One allocation per call, none in the hot loop: partials, per-thread scores, q8 and its factors.
-    // a thread's scratch, apart by a line: scores [BT, Hq], c [Hq], and int8 V's (see attend_chunk)
+    // a thread's scratch, apart by a line: scores [BT, Hq], c [Hq], and int8 and bf16 V's (see attend_chunk)
     const size_t stride = (size_t)Hq * (BT + 1) + (size_t)Hq * ((size_t)D + BT / 2 + 1) + 16;
     const size_t floats = (size_t)n_items * Hq * (2 + (size_t)D) + (size_t)nthreads * stride + 2 * (size_t)S * Hq;
     float *ws = malloc(sizeof(float) * floats + (size_t)S * Hq * D * (1 + sizeof(uint16_t)));

@@ -140,7 +140,7 @@ def parse_args(argv=None):
            "when the S-Part runs in bfloat16, else float16)")
     a("--kv-mem", default=kvcache.DEFAULT_KV_MEM, help="KV memory budget per worker")
     a("--device", default=None, help="S-Part device (default: cuda if available, else cpu)")
-    a("--dtype", default=None, help="S-Part dtype (default: fp16/bf16 on CUDA, float32 on CPU)")
+    a("--dtype", default=None, help="S-Part dtype (default: fp16/bf16 on CUDA; on a CPU bf16 where it has bf16 instructions, else float32)")
     a("--worker-threads", type=int, default=None, help="attention threads per local worker")
     a("--pipeline", dest="pipeline", action="store_true", default=None,
       help="two micro-batches (default where the S-Part has a GPU or workers are remote)")

@@ -59,8 +59,8 @@ def make_micro_batch(spart, name, seqs):
 
 
 def to_host(x, dtype):
-    """A device tensor as a NumPy array of `dtype` (float16/float32: for K and V the KV cache's
-    row dtype, float16 for an int8 cache); one conversion, done by torch, and the .cpu() copy
+    """A device tensor as a NumPy array of `dtype` (float16/float32/bfloat16: for K and V the KV
+    cache's row dtype, float16 for an int8 cache); one conversion, done by torch, and the .cpu() copy
     synchronizes with the GPU."""
     dt = np.dtype(dtype)
     if dt.name == "bfloat16":  # NumPy's bfloat16 is ml_dtypes': torch hands over the bits, NumPy names them
