@@ -45,7 +45,7 @@ FD_INLINE __m512i hsum_lane(__m512i j) {
     return _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(j, _mm512_set1_epi32(3)), 2), _mm512_srli_epi32(j, 2));
 }
 
-// The dot products of a tile of 16 / TT heads (from h0) x TT token rows (k, k + row, ..):
+// The dot products of a tile of HG = tile_heads(TT, NH) heads (from h0) x TT token rows (k, k + row, ..):
 // a[t * HG + j] holds row t, head h0 + j, as 16 partial sums. Each q vector is loaded once for
 // the TT rows and each K vector converted once for the NH heads that share it. GCC folded the q
 // loads back into every FMA as a memory operand (16 loads of 64 bytes per 16 FMAs, where a Zen 4
@@ -53,7 +53,7 @@ FD_INLINE __m512i hsum_lane(__m512i j) {
 // fp16 1.30x in cache and from memory (A/B, 1 thread), OPT-1.3b (one head per KV head) unchanged.
 FD_INLINE void tile_dots(__m512 a[16], const float *restrict q, const char *k, size_t row, int TT, size_t head,
                          int h0, int Hq, int G, int NH, int D, int dt, Pf *pf) {
-    const int HG = 16 / TT;
+    const int HG = tile_heads(TT, NH);
     const uint64_t gm = div_magic(G);
 #pragma GCC unroll 16
     for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
@@ -71,7 +71,7 @@ FD_INLINE void tile_dots(__m512 a[16], const float *restrict q, const char *k, s
                 qv[j] = _mm512_maskz_loadu_ps(m, q + (size_t)(h + j) * D + i);
                 __asm__("" : "+v"(qv[j]));
             }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int t = 0; t < TT; t++) {
                 const __m512 x = load16(kh + (size_t)t * row, i, dt, m);
 #pragma GCC unroll 4
@@ -87,7 +87,7 @@ FD_INLINE void tile_dots(__m512 a[16], const float *restrict q, const char *k, s
 // stay below 2^24 (|q8| <= 127, k + 128 <= 255, D <= 256), so they convert exactly.
 FD_INLINE __m512 tile_sums_q8(const int8_t *restrict q8, const char *k, size_t row, int TT, size_t head,
                               int h0, int Hq, int G, int NH, int D, Pf *pf) {
-    const int HG = 16 / TT;
+    const int HG = tile_heads(TT, NH);
     const uint64_t gm = div_magic(G);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512i ai[16];
@@ -107,7 +107,7 @@ FD_INLINE __m512 tile_sums_q8(const int8_t *restrict q8, const char *k, size_t r
                 qv[j] = _mm512_maskz_loadu_epi8(m, q8 + (size_t)(h + j) * D + i);
                 __asm__("" : "+v"(qv[j]));
             }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int t = 0; t < TT; t++) {
                 const __m512i x = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, kh + (size_t)t * row + i), flip);
 #pragma GCC unroll 4
@@ -129,7 +129,7 @@ FD_INLINE __m512 tile_sums_q8(const int8_t *restrict q8, const char *k, size_t r
 // 4 FMAs per fp16 element, 16 lanes a cycle on a Zen 4 core: ~21 GB/s at 2.6 GHz, below its read).
 FD_INLINE void tile_dots_bf16(__m512 a[16], const uint16_t *restrict qb, const char *k, size_t row, int TT, size_t head,
                               int h0, int Hq, int G, int NH, int D, Pf *pf) {
-    const int HG = 16 / TT;
+    const int HG = tile_heads(TT, NH);
     const uint64_t gm = div_magic(G);
 #pragma GCC unroll 16
     for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
@@ -147,7 +147,7 @@ FD_INLINE void tile_dots_bf16(__m512 a[16], const uint16_t *restrict qb, const c
                 qv[j] = _mm512_maskz_loadu_epi16(m, qb + (size_t)(h + j) * D + i);
                 __asm__("" : "+v"(qv[j]));
             }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int t = 0; t < TT; t++) {
                 const __m512bh x = (__m512bh)_mm512_maskz_loadu_epi16(m, kh + (size_t)t * row / 2 + i);
 #pragma GCC unroll 4
@@ -172,12 +172,12 @@ FD_INLINE __m512 head_scales(const float *s, int t, int Hkv, int h0, int n, int 
     return _mm512_permutexvar_ps(_mm512_sub_epi32(kv, _mm512_set1_epi32(first)), row);
 }
 
-// Scores of TT token rows (k, k + row, ..) for every head: st[t * Hq + h]. A tile is 16 / TT
+// Scores of TT token rows (k, k + row, ..) for every head: st[t * Hq + h]. A tile is HG
 // heads x TT rows: 16 independent dot products, then one transposed reduction gives their sums;
 // float K is scaled by `scale`, int8 K by its row scales too (and, with q8, by qmul less qcorr).
 FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t row, int TT, size_t head,
                            int Hq, int Hkv, int NH, int D, int dt, float scale, float *restrict st, Pf *pf) {
-    const int HG = 16 / TT, G = Hq / Hkv;
+    const int HG = tile_heads(TT, NH), G = Hq / Hkv;
     for (int h0 = 0; h0 < Hq; h0 += HG) {
         // the sum of row t, head h0 + j is in lane hsum_lane(t * HG + j) of s: gather row t's below.
         __m512 s;
@@ -200,7 +200,7 @@ FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t
 #if FD_VNNI
         if (dt == FD_I8) mul = _mm512_maskz_loadu_ps(keep, sq->qmul + h0), corr = _mm512_maskz_loadu_ps(keep, sq->qcorr + h0);
 #endif
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < TT; t++) {
             const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(t * HG), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
             __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_permutexvar_ps(hsum_lane(lanes), s), corr), mul);
@@ -388,6 +388,15 @@ FD_INLINE void rows_accumulate_bf16(float *restrict acc, const uint32_t *wp, con
     }
 }
 
+// bf16(x[i]) for i < n, 16 at a time: the same rounding (to nearest even) as float_to_bf16, which
+// took 8% of a batch-16 call at SmolLM2's shapes one element at a time.
+FD_INLINE void round_bf16(const float *x, size_t n, uint16_t *restrict out) {
+    for (size_t i = 0; i < n; i += 16) {
+        const __mmask16 m = mask_for(n - i < 16 ? (int)(n - i) : 16);
+        _mm256_mask_storeu_epi16(out + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
 FD_INLINE void bf16_d_order(float *acc, int Hq, int D) {
     for (size_t i = 0; i < (size_t)Hq * D; i += 32) {
         __m512i x0 = _mm512_loadu_si512(acc + i), x1 = _mm512_loadu_si512(acc + i + 16);
@@ -414,8 +423,53 @@ FD_INLINE __m512 exp_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// Sixteen heads per vector: the block's max, exps and sum need no horizontal operation.
+// The block's scores taken flat, 16 at a time whatever their rows: lane j of vector i holds head
+// (16 i + j) % Hq, a pattern that repeats every P vectors (P = Hq / gcd(Hq, 16), at most 16 here,
+// so Hq <= 128). Each phase p of the pattern keeps its max and sum in a register over vectors
+// p, p + P, ..; they are folded into heads once per block, a scalar pass over 16 P lanes.
+FD_INLINE void block_softmax_flat(float *st, int nb, int Hq, int P, float *m, float *l, float *c) {
+    const int n = nb * Hq;
+    float lanes[256], mn[128], sum[128];
+    for (int p = 0; p < P; p++) {
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int i = 16 * p; i < n; i += 16 * P) mx = _mm512_mask_max_ps(mx, mask_for(n - i), mx, _mm512_loadu_ps(st + i));
+        _mm512_storeu_ps(lanes + 16 * p, mx);
+    }
+    for (int h = 0; h < Hq; h++) mn[h] = m[h], sum[h] = 0.0f;
+    for (int k = 0, h = 0; k < 16 * P; k++, h = h + 1 == Hq ? 0 : h + 1) mn[h] = lanes[k] > mn[h] ? lanes[k] : mn[h];
+    for (int k = 0, h = 0; k < 16 * P; k++, h = h + 1 == Hq ? 0 : h + 1) lanes[k] = mn[h];  // now the pattern of maxima
+    for (int p = 0; p < P; p++) {
+        const __m512 mp = _mm512_loadu_ps(lanes + 16 * p);
+        __m512 s = _mm512_setzero_ps();
+        for (int i = 16 * p; i < n; i += 16 * P) {
+            const __mmask16 k = mask_for(n - i);
+            const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, st + i), mp));
+            _mm512_mask_storeu_ps(st + i, k, e);
+            s = _mm512_mask_add_ps(s, k, s, e);
+        }
+        _mm512_storeu_ps(lanes + 16 * p, s);
+    }
+    for (int k = 0, h = 0; k < 16 * P; k++, h = h + 1 == Hq ? 0 : h + 1) sum[h] += lanes[k];
+    for (int h0 = 0; h0 < Hq; h0 += 16) {
+        const __mmask16 k = mask_for(Hq - h0);
+        const __m512 mo = _mm512_maskz_loadu_ps(k, m + h0), mx = _mm512_maskz_loadu_ps(k, mn + h0);
+        const __m512 cc = exp_neg(_mm512_sub_ps(mo, mx));  // as below
+        _mm512_mask_storeu_ps(c + h0, k, cc);
+        _mm512_mask_storeu_ps(l + h0, k, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, l + h0), cc, _mm512_maskz_loadu_ps(k, sum + h0)));
+        _mm512_mask_storeu_ps(m + h0, k, mx);
+    }
+}
+
+// Sixteen heads per vector: the block's max, exps and sum need no horizontal operation. When Hq
+// is not a multiple of 16 a row leaves lanes idle (7 of 16 for SmolLM2's 9 heads), so the block
+// goes flat instead (block_softmax_flat: 1.34x for a whole call at SmolLM2's shapes, 9:3 heads,
+// D = 64, bf16, one thread, in cache; A/B in one process).
 FD_INLINE void block_softmax(float *st, int nb, int Hq, float *m, float *l, float *c) {
+    const int P = Hq / ((Hq & -Hq) < 16 ? (Hq & -Hq) : 16);
+    if (Hq % 16 && P <= 16) {
+        block_softmax_flat(st, nb, Hq, P, m, l, c);
+        return;
+    }
     for (int h0 = 0; h0 < Hq; h0 += 16) {
         const __mmask16 k = mask_for(Hq - h0);
         const __m512 mo = _mm512_maskz_loadu_ps(k, m + h0);

@@ -38,6 +38,9 @@ enum { FD_F32 = 0, FD_F16 = 1, FD_I8 = 2, FD_BF16 = 3 };  // KV element types, a
 #ifndef TRK
 #define TRK 4        // token rows per tile of the K pass
 #endif
+#ifndef TRK3
+#define TRK3 5       // ... when 3 query heads share a KV head: 5 rows x 3 heads, 15 of a tile's 16 dot products
+#endif
 #ifndef TRV
 #define TRV 4        // token rows per tile of the V pass, for heads sharing a KV head
 #endif
@@ -57,6 +60,11 @@ enum { FD_F32 = 0, FD_F16 = 1, FD_I8 = 2, FD_BF16 = 3 };  // KV element types, a
 #define MIN_CHUNK 128 // tokens; smaller chunks cost more in merging than they win in balance
 
 #define FD_INLINE static inline __attribute__((always_inline))
+
+// Heads in a K tile of TT rows: 16 / TT, so that the tile is 16 dot products; 3 when 3 heads share
+// each KV head (G = 3, 6, ..: SmolLM2's 9:3), so that a tile is one KV head's group and each K
+// vector is loaded (or converted) once for the 3 of them.
+FD_INLINE int tile_heads(int TT, int NH) { return NH == 3 ? 3 : 16 / TT; }
 
 // --- scalar helpers (also the portable fallback) ---
 

@@ -51,7 +51,7 @@
 //   rows_scores(q, k, row, TT..)     st[t][h] = scale * q[h] . k_t[h / G]   TT token rows, every head
 //   block_softmax(st, nb, ..)        the online-softmax update of every head for a block of nb rows
 //   rows_accumulate(acc, p, v, TT..) acc[h] += sum_t p[t][h] * v_t[h / G]   TT token rows, every head
-// Heads that share a KV head (NH of them: 1, 2 or 4) convert its vector once.
+// Heads that share a KV head (NH of them: 1, 2, 3 or 4) convert its vector once.
 #if FD_AVX512
 #include "attn_avx512.h"
 #else  // AVX2+F16C or plain C: one head at a time
@@ -85,19 +85,21 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
 #if FD_BF16DOT
     const int bf16_v = dt == FD_BF16 && D % 32 == 0;  // V by vdpbf16ps; acc interleaved until the end
 #endif
-    const int NH = G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1;  // GQA: query heads that share K and V
+    const int NH = G % 4 == 0 ? 4 : G % 3 == 0 ? 3 : G % 2 == 0 ? 2 : 1;  // GQA: query heads that share K and V
+    const int tk = NH == 3 ? TRK3 : TRK;  // rows of a K tile (tile_heads)
     const int steps = Hq / NH;  // steps of a tile: each issues its share of the prefetches
-    const int pf_rows = (int)((PF_AHEAD + row - 1) / row), ahead = pf_rows > TRK ? pf_rows : TRK;  // rows
+    const int pf_rows = (int)((PF_AHEAD + row - 1) / row), ahead = pf_rows > tk ? pf_rows : tk;  // rows
     for (int b0 = t0; b0 < t1; b0 += BT) {
         const int nb = t1 - b0 < BT ? t1 - b0 : BT;
-        for (int t = b0, n; t < b0 + nb; t += n) {  // K: every head's scores, TRK rows at a time
-            n = b0 + nb - t >= TRK ? TRK : 1;
+        for (int t = b0, n; t < b0 + nb; t += n) {  // K: every head's scores, tk rows at a time
+            n = b0 + nb - t >= tk ? tk : 1;
             Pf pf = rows_ahead(sq->k, t, n, ahead, t1, row, steps);
             const char *kt = sq->k + (size_t)t * row;
             const float *ks = sq->ks ? sq->ks + (size_t)t * Hkv : NULL;
             float *st = sc + (size_t)(t - b0) * Hq;
             if (n == 1) rows_scores(sq, kt, ks, row, 1, head, Hq, Hkv, 1, D, dt, scale, st, &pf);
             else if (NH == 4) rows_scores(sq, kt, ks, row, TRK, head, Hq, Hkv, 4, D, dt, scale, st, &pf);
+            else if (NH == 3) rows_scores(sq, kt, ks, row, TRK3, head, Hq, Hkv, 3, D, dt, scale, st, &pf);
             else if (NH == 2) rows_scores(sq, kt, ks, row, TRK, head, Hq, Hkv, 2, D, dt, scale, st, &pf);
             else rows_scores(sq, kt, ks, row, TRK, head, Hq, Hkv, 1, D, dt, scale, st, &pf);
             pf_rest(&pf);
@@ -117,6 +119,7 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
                 const uint32_t *w = wp + (size_t)(v0 - b0) / 2 * Hq;
                 const char *vt = sq->v + (size_t)v0 * row;
                 if (NH == 4) rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 4, D, &pf);
+                else if (NH == 3) rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 3, D, &pf);
                 else if (NH == 2) rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 2, D, &pf);
                 else rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 1, D, &pf);
                 pf_rest(&pf);
@@ -133,6 +136,7 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
                 const char *r[TRB];
                 for (int t = 0; t < TRB; t++) r[t] = sq->v + (size_t)(v0 + t < b0 + nb ? v0 + t : v0) * row;
                 if (NH == 4) rows_accumulate_bf16(acc, w, r, head, Hq, Hkv, 4, D, &pf);
+                else if (NH == 3) rows_accumulate_bf16(acc, w, r, head, Hq, Hkv, 3, D, &pf);
                 else if (NH == 2) rows_accumulate_bf16(acc, w, r, head, Hq, Hkv, 2, D, &pf);
                 else rows_accumulate_bf16(acc, w, r, head, Hq, Hkv, 1, D, &pf);
                 pf_rest(&pf);
@@ -141,12 +145,13 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
 #endif
         for (int t = v0, n; t < b0 + nb; t += n) {  // V: every head's accumulator, tv rows at a time
             n = b0 + nb - t >= tv ? tv : 1;
-            Pf pf = rows_ahead(sq->v, t, n, ahead, t1, row, steps);
+            Pf pf = rows_ahead(sq->v, t, n, ahead, t1, row, n == 1 ? Hq : steps);
             const char *vt = sq->v + (size_t)t * row;
             const float *vs = sq->vs ? sq->vs + (size_t)t * Hkv : NULL;
             const float *p = sc + (size_t)(t - b0) * Hq;
             if (n == 1) rows_accumulate(acc, p, vt, vs, row, 1, head, Hq, Hkv, 1, D, dt, &pf);
             else if (NH == 4) rows_accumulate(acc, p, vt, vs, row, TRV, head, Hq, Hkv, 4, D, dt, &pf);
+            else if (NH == 3) rows_accumulate(acc, p, vt, vs, row, TRV, head, Hq, Hkv, 3, D, dt, &pf);
             else if (NH == 2) rows_accumulate(acc, p, vt, vs, row, TRV, head, Hq, Hkv, 2, D, dt, &pf);
             else rows_accumulate(acc, p, vt, vs, row, TRV1, head, Hq, Hkv, 1, D, dt, &pf);
             pf_rest(&pf);
@@ -299,7 +304,7 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
     uint16_t *qb = (uint16_t *)(q8 + (size_t)S * Hq * D);
 #if FD_BF16DOT  // bf16 q for vdpbf16ps; other builds widen bf16 K and keep q in float
     if (kv_dtype == FD_BF16)
-        for (size_t i = 0; i < (size_t)S * Hq * D; i++) qb[i] = float_to_bf16(q[i]);
+        round_bf16(q, (size_t)S * Hq * D, qb);
 #endif
 #if FD_VNNI
     if (kv_dtype == FD_I8) quantize_q(q, S * Hq, D, scale, q8, qmul, qcorr);
