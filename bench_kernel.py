@@ -37,7 +37,7 @@ def best_times_interleaved(fns, reps=9):
 
 # --- bench kernel ---
 
-SHAPES = {"opt-1.3b": (32, 32, 64), "llama-3-8b": (32, 8, 128)}  # Hq, Hkv, D
+SHAPES = {"opt-1.3b": (32, 32, 64), "llama-3-8b": (32, 8, 128), "smollm2-135m": (9, 3, 64)}  # Hq, Hkv, D
 
 
 def torch_sdpa_timer(q, K, V, dtype, threads):
