@@ -178,6 +178,7 @@ FD_INLINE __m512 head_scales(const float *s, int t, int Hkv, int h0, int n, int 
 FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t row, int TT, size_t head,
                            int Hq, int Hkv, int NH, int D, int dt, float scale, float *restrict st, Pf *pf) {
     const int HG = tile_heads(TT, NH), G = Hq / Hkv;
+    const uint64_t gm = div_magic(G);
     for (int h0 = 0; h0 < Hq; h0 += HG) {
         // the sum of row t, head h0 + j is in lane hsum_lane(t * HG + j) of s: gather row t's below.
         __m512 s;
@@ -204,7 +205,8 @@ FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t
         for (int t = 0; t < TT; t++) {
             const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(t * HG), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
             __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_permutexvar_ps(hsum_lane(lanes), s), corr), mul);
-            if (dt == FD_I8) x = _mm512_mul_ps(x, head_scales(ks, t, Hkv, h0, n, G));
+            if (dt == FD_I8)  // a tile within one KV head (HG == NH) has one scale per row: a broadcast
+                x = _mm512_mul_ps(x, HG == NH ? _mm512_set1_ps(ks[(size_t)t * Hkv + div_g(h0, gm)]) : head_scales(ks, t, Hkv, h0, n, G));
             _mm512_mask_storeu_ps(st + (size_t)t * Hq + h0, keep, x);
         }
     }
