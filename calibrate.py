@@ -145,10 +145,16 @@ def shape_key(cfg):
     return f"{cfg.n_heads}x{cfg.n_kv_heads}x{cfg.head_dim}"
 
 
-def measure_kernel(threads, S=16, L=1024, Hkv=32, D=64, Hq=None, dtypes=("float16", "float32", "int8", "bfloat16")):
+KERNEL_FP16_BYTES = 128 * 2**20  # fp16 K and V of measure_kernel at least: 4x this host's 32 MiB L3
+
+
+def measure_kernel(threads, S=16, L=None, Hkv=32, D=64, Hq=None, dtypes=("float16", "float32", "int8", "bfloat16")):
     """The kernel's GB/s of KV read from memory (fp16, fp32, int8 with its scales, bf16), its GB/s
     on bytes that come from L2 (`incache`, all but fp32: its compute ceiling, which binds on a host
-    whose cores are slow for its memory), and the fixed cost of one call. Hq defaults to Hkv."""
+    whose cores are slow for its memory), and the fixed cost of one call. Hq defaults to Hkv.
+    L defaults to enough tokens that the fp16 rows do not stay in L3: with a fixed 1024, opt-125m's
+    12 heads made 25 MB of int8 rows, which L3 held, and its "from memory" rate passed the read."""
+    L = L or max(1024, -(-KERNEL_FP16_BYTES // (S * Hkv * D * 2 * 2)))
     rng = np.random.default_rng(0)
     q = rng.standard_normal((S, Hq or Hkv, D), dtype=np.float32)
     K32, V32 = ([rng.standard_normal((L, Hkv, D), dtype=np.float32) for _ in range(S)] for _ in "KV")
