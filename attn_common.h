@@ -85,18 +85,13 @@ FD_INLINE float half_to_float(uint16_t h) {
     return f;
 }
 
-// bfloat16 is float32's top half: widening is a shift; narrowing rounds to nearest even (NaN kept NaN).
+// bfloat16 is float32's top half: widening is a shift (narrowing, only on AVX512-BF16 builds, is
+// round_bf16 in attn_avx512.h).
 FD_INLINE float bf16_to_float(uint16_t b) {
     const uint32_t bits = (uint32_t)b << 16;
     float f;
     memcpy(&f, &bits, 4);
     return f;
-}
-FD_INLINE uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 FD_INLINE size_t kv_bytes(int dt) { return dt == FD_F32 ? 4 : dt == FD_I8 ? 1 : 2; }
