@@ -43,9 +43,6 @@ from client import (WorkerClient, WorkerStartError, build_kernel_in_background, 
 NETWORK_ERRORS = (ConnectionError, OSError, wire.ProtocolError)  # the worker is gone or unreadable
 
 
-SPIN_COUNT = "5000"  # measured against 1000 (interleaved runs on this host): see short_openmp_spin
-
-
 def short_openmp_spin():
     """libgomp's threads spin for milliseconds after each parallel region; where the S-Part
     (torch, same libgomp) and local workers share cores, that steals the other side's time.
@@ -55,7 +52,7 @@ def short_openmp_spin():
     ms against 35-42, opt-125m batch-16 decode 431-458 tok/s against 364-485 (median 441 vs 395).
     Call before torch loads; local workers inherit it; the user's OMP_* / GOMP_* settings win."""
     if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+        os.environ.setdefault("GOMP_SPINCOUNT", "5000")
 
 
 class WorkerLost(Exception):
