@@ -3,7 +3,7 @@ PYTHON ?= python3
 CC ?= gcc
 WARN := -Wall -Wextra
 # Fast build for this CPU; `portable` is used when the compiler refuses -march=native.
-# -flto=auto: the link step compiles the kernel's twelve instantiations (attn_cpu.c's CHUNK_FN)
+# -flto=auto: the link step compiles the kernel's ten instantiations (attn_cpu.c's CHUNK_FN)
 # in parallel partitions, one job per core: a fresh build here 7-8 s instead of 12-13 s, the
 # same code (bit-identical output); a compiler without LTO gets the plain build.
 LTO := -flto=auto

@@ -159,6 +159,23 @@ def prepack(w):
     return torch.ops.mkldnn._reorder_linear_weight(w, None)
 
 
+def prepack_layer(lw, templates=None):
+    """Prepack one layer's matrices (PACKED) in place. With `templates` ({(shape, dtype): packed
+    matrix}, shared across the layers) each one is a copy of the first packed matrix of its shape
+    instead: for random weights, whose values do not change the time. oneDNN's reorder runs at
+    ~1.5 GB/s here with 2 threads, a copy of its result at ~4 GB/s: opt-1.3b's random weights pack
+    in ~0.7 s instead of ~3.2 s, the critical path of a fresh `make run` beside the kernel's build."""
+    for name in PACKED:
+        w = getattr(lw, name)
+        if templates is None:
+            setattr(lw, name, prepack(w))
+            continue
+        key = (tuple(w.shape), w.dtype)
+        if key not in templates:
+            templates[key] = prepack(w)
+        setattr(lw, name, templates[key].clone())
+
+
 def linear(x, w, b=None):
     """F.linear, through oneDNN's prepacked linear when w was prepacked. x [T, in] -> [T, out]."""
     if w.is_mkldnn:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import prefill
 import weights
-from fast import PACKED, can_prepack, default_device_dtype, fuse_layer, layer_names, linear, prepack
+from fast import PACKED, can_prepack, default_device_dtype, fuse_layer, layer_names, linear, prepack, prepack_layer
 from prefill import PrefillItem, PrefillResult  # noqa: F401  (the engine builds them as spart.PrefillItem)
 from weights import canonical_name, hf_cache_dir  # noqa: F401  (callers use spart.canonical_name)
 
@@ -189,15 +189,15 @@ class SPart:
     """The shared-weight half of the model on one device. `self.w`: the weights by canonical
     name (as read); `self.layers`: the same tensors, fused per layer, that the forward uses."""
 
-    def __init__(self, cfg, weights, device, dtype, tokenizer=None, source="random", dtype_why="asked for", pack=None):
+    def __init__(self, cfg, weights, device, dtype, tokenizer=None, source="", dtype_why="asked for", pack=None):
         self.cfg, self.w, self.device, self.dtype, self.dtype_why = cfg, weights, device, dtype, dtype_why
         self.tokenizer, self.source = tokenizer, source
         self.layers = [fuse_layer(cfg, weights, i) for i in range(cfg.n_layers)]
         self.packed = can_prepack(device, dtype) if pack is None else pack
         if self.packed:  # the layers' matrices live only in oneDNN's layout; state_dict() unpacks
+            templates = {} if source == "random" else None  # random: every layer a copy of layer 0's
             for i, lw in enumerate(self.layers):
-                for name in PACKED:
-                    setattr(lw, name, prepack(getattr(lw, name)))
+                prepack_layer(lw, templates)
                 for key in [k for k in weights if k.startswith(f"layers.{i}.") and weights[k].dim() == 2]:
                     del weights[key]
         head = self.head_name = "lm_head.weight" if cfg.family == "llama" and not cfg.tie_embeddings \
@@ -237,7 +237,8 @@ class SPart:
         if not quiet:
             print(f"*** {model}: weights not on disk ({repo} not in {hf_cache_dir()}); using RANDOM weights. "
                   "Throughput is real, text is meaningless. ***", file=sys.stderr, flush=True)
-        return cls(cfg, weights.random_weights(cfg, dt, dev, seed), dev, dt, None, "random", why, pack)
+        packed = can_prepack(dev, dt) if pack is None else pack  # packing copies each layer: share them until then
+        return cls(cfg, weights.random_weights(cfg, dt, dev, seed, shared_layers=packed), dev, dt, None, "random", why, packed)
 
     def state_dict(self):
         """{canonical name: plain tensor}: every weight as a checkpoint names it (prepacked

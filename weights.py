@@ -140,12 +140,14 @@ def load_weights(directory, cfg, dtype, device):
 POOL = 1_000_003  # a prime length, so tiled rows never line up with each other
 
 
-def random_weights(cfg, dtype, device, seed=0):
+def random_weights(cfg, dtype, device, seed=0, shared_layers=False):
     """Random weights of the right shapes in seconds: N(0, 0.02) values drawn once into a pool,
     then tiled into each tensor from a random offset (normal_ over 1.3e9 floats takes ~15 s;
     throughput does not depend on the values). A layer's matrices are views, in checkpoint
     order, into one buffer of that layer, so the ones the S-Part stacks (q, k, v; gate, up) are
-    already back to back: fast.fuse_layer takes them as they are instead of copying them."""
+    already back to back: fast.fuse_layer takes them as they are instead of copying them.
+    shared_layers: every layer's matrices are views of layer 0's buffer, for a caller that copies
+    each layer anyway (the S-Part prepacking them: fast.prepack_layer); 1/n_layers of the work."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     pool = torch.empty(2 * POOL, dtype=torch.float32).normal_(0.0, 0.02, generator=g).to(dtype)
     shapes, out = expected_shapes(cfg), {}
@@ -155,13 +157,18 @@ def random_weights(cfg, dtype, device, seed=0):
             groups.setdefault(".".join(name.split(".")[:2]) if name.startswith("layers.") else name, []).append(name)
         else:  # norms' weights 1, biases 0
             out[name] = (torch.ones if name.endswith("norm.weight") else torch.zeros)(shape, dtype=dtype, device=device)
-    for names in groups.values():
+    layer0 = None
+    for group, names in groups.items():
         sizes = [math.prod(shapes[name]) for name in names]
         n, start = sum(sizes), int(torch.randint(POOL, (1,), generator=g))
-        flat, full = torch.empty(n, dtype=dtype), n // POOL
-        flat[:full * POOL].view(full, POOL).copy_(pool[start:start + POOL])  # broadcast copy
-        flat[full * POOL:].copy_(pool[start:start + n - full * POOL])
-        flat = flat.to(device)
+        if shared_layers and group.startswith("layers.") and layer0 is not None:
+            flat = layer0
+        else:
+            flat, full = torch.empty(n, dtype=dtype), n // POOL
+            flat[:full * POOL].view(full, POOL).copy_(pool[start:start + POOL])  # broadcast copy
+            flat[full * POOL:].copy_(pool[start:start + n - full * POOL])
+            flat = flat.to(device)
+            layer0 = flat if group == "layers.0" else layer0
         for name, part in zip(names, flat.split(sizes)):
             out[name] = part.view(shapes[name])
     return {name: out[name] for name in shapes}
