@@ -182,13 +182,13 @@ class KVCache:
                 raise ValueError(f"sequence {s} layer {layer}: position {pos} but {n[layer]} rows written")
             if pos >= block.shape[2]:
                 raise KVCacheFull(f"sequence {s}: position {pos} exceeds capacity {block.shape[2]}")
+        kv = np.stack((k, v))                    # [2, S, Hkv, D]: one write a sequence, not two
         if self.cfg.quantized:
-            (k, ks), (v, vs) = quantize_int8(k), quantize_int8(v)
+            kv, scales = quantize_int8(kv)       # both in one pass; scales [2, S, Hkv]
         for i, (s, pos) in enumerate(zip(seqs, positions)):
-            self.blocks[s][0, layer, pos] = k[i]
-            self.blocks[s][1, layer, pos] = v[i]
+            self.blocks[s][:, layer, pos] = kv[:, i]
             if self.cfg.quantized:
-                self.scales[s][:, layer, pos] = ks[i], vs[i]
+                self.scales[s][:, layer, pos] = scales[:, i]
             self.lengths[s][layer] = pos + 1
 
     def views(self, seq, layer, length):
