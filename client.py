@@ -129,8 +129,8 @@ class WorkerClient:
 def build_kernel_in_background():
     """Build attn_cpu.so if it is missing or stale, and load it, on a thread -> the thread. The
     engine starts it before it loads the S-Part, so a fresh checkout compiles the kernel while
-    the weights load (a compile takes ~7 s here, loading opt-1.3b ~6 s). A failure is left for
-    start_local_workers (or the in-process backend) to raise with its message."""
+    the weights load (a compile takes 5-6 s here, making opt-1.3b's random S-Part 1-2 s). A
+    failure is left for start_local_workers (or the in-process backend) to raise with its message."""
     def build():
         try:
             rpart.load_kernel()

@@ -163,8 +163,8 @@ def prepack_layer(lw, templates=None):
     """Prepack one layer's matrices (PACKED) in place. With `templates` ({(shape, dtype): packed
     matrix}, shared across the layers) each one is a copy of the first packed matrix of its shape
     instead: for random weights, whose values do not change the time. oneDNN's reorder runs at
-    ~1.5 GB/s here with 2 threads, a copy of its result at ~4 GB/s: opt-1.3b's random weights pack
-    in ~0.7 s instead of ~3.2 s, the critical path of a fresh `make run` beside the kernel's build."""
+    ~1.5 GB/s here with 2 threads, a copy of its result at ~4 GB/s: making opt-1.3b's random
+    S-Part takes 1.3 s instead of 2.5-5.5 s, beside the kernel's build in a fresh `make run`."""
     for name in PACKED:
         w = getattr(lw, name)
         if templates is None:
