@@ -159,21 +159,22 @@ def prepack(w):
     return torch.ops.mkldnn._reorder_linear_weight(w, None)
 
 
-def prepack_layer(lw, templates=None):
-    """Prepack one layer's matrices (PACKED) in place. With `templates` ({(shape, dtype): packed
-    matrix}, shared across the layers) each one is a copy of the first packed matrix of its shape
-    instead: for random weights, whose values do not change the time. oneDNN's reorder runs at
-    ~1.5 GB/s here with 2 threads, a copy of its result at ~4 GB/s: making opt-1.3b's random
-    S-Part takes 1.3 s instead of 2.5-5.5 s, beside the kernel's build in a fresh `make run`."""
+def prepack_layer(lw, packed):
+    """Prepack one layer's matrices (PACKED) in place. `packed` ({(address, shape): packed matrix},
+    one dict for all the layers) remembers each source: a matrix whose memory an earlier layer's
+    already was gets a copy of that one's packed form instead of a second reorder. Only random
+    weights share memory so (weights.random_weights with shared_layers): oneDNN's reorder runs at
+    ~1.5 GB/s here with 2 threads, a copy of its result at ~4 GB/s, so making opt-1.3b's random
+    S-Part takes 1.3 s instead of 2.5-5.5 s, beside the kernel's build in a fresh `make run`.
+    (All sources exist before the first is packed, so two share an address only by sharing memory.)"""
     for name in PACKED:
         w = getattr(lw, name)
-        if templates is None:
-            setattr(lw, name, prepack(w))
-            continue
-        key = (tuple(w.shape), w.dtype)
-        if key not in templates:
-            templates[key] = prepack(w)
-        setattr(lw, name, templates[key].clone())
+        key = (w.data_ptr(), tuple(w.shape))
+        if key in packed:
+            setattr(lw, name, packed[key].clone())
+        else:
+            packed[key] = prepack(w)
+            setattr(lw, name, packed[key])
 
 
 def linear(x, w, b=None):

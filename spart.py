@@ -189,15 +189,15 @@ class SPart:
     """The shared-weight half of the model on one device. `self.w`: the weights by canonical
     name (as read); `self.layers`: the same tensors, fused per layer, that the forward uses."""
 
-    def __init__(self, cfg, weights, device, dtype, tokenizer=None, source="", dtype_why="asked for", pack=None):
+    def __init__(self, cfg, weights, device, dtype, tokenizer=None, source="random", dtype_why="asked for", pack=None):
         self.cfg, self.w, self.device, self.dtype, self.dtype_why = cfg, weights, device, dtype, dtype_why
         self.tokenizer, self.source = tokenizer, source
         self.layers = [fuse_layer(cfg, weights, i) for i in range(cfg.n_layers)]
         self.packed = can_prepack(device, dtype) if pack is None else pack
         if self.packed:  # the layers' matrices live only in oneDNN's layout; state_dict() unpacks
-            templates = {} if source == "random" else None  # random: every layer a copy of layer 0's
+            packed = {}  # by source: layers that share memory (random weights) share one reorder
             for i, lw in enumerate(self.layers):
-                prepack_layer(lw, templates)
+                prepack_layer(lw, packed)
                 for key in [k for k in weights if k.startswith(f"layers.{i}.") and weights[k].dim() == 2]:
                     del weights[key]
         head = self.head_name = "lm_head.weight" if cfg.family == "llama" and not cfg.tie_embeddings \
