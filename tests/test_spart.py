@@ -326,6 +326,29 @@ def test_random_weights_are_stacked_without_a_copy():
     assert fast.stacked([whole[3:], whole[:3]]).data_ptr() != whole.data_ptr()   # adjacent, in the wrong order
 
 
+def test_random_layers_are_reordered_once_and_copied(monkeypatch):
+    """With shared_layers, random layers are views of layer 0's buffer until prepack_layer makes
+    each layer a copy of layer 0's packed matrices: one reorder per matrix of layer 0, every layer
+    its own tensor (so decode reads as many bytes as with distinct weights), equal to layer 0's."""
+    if not fast.can_prepack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this torch has no oneDNN prepacked linear")
+    cfg = dataclasses.replace(spart.KNOWN["llama-2-7b"][1], hidden=64, n_heads=4, n_kv_heads=2, ffn=96,
+                              n_layers=3, vocab_size=100, head_dim=16)
+    w = weights.random_weights(cfg, torch.bfloat16, torch.device("cpu"), shared_layers=True)
+    assert w["layers.2.mlp.up_proj.weight"].data_ptr() == w["layers.0.mlp.up_proj.weight"].data_ptr()
+    reorders = []
+    monkeypatch.setattr(fast, "prepack", lambda m: reorders.append(m.shape) or torch.ops.mkldnn._reorder_linear_weight(m, None))
+    layers = [fast.fuse_layer(cfg, w, i) for i in range(cfg.n_layers)]
+    packed = {}
+    for lw in layers:
+        fast.prepack_layer(lw, packed)
+    assert len(reorders) == len(fast.PACKED)
+    for name in fast.PACKED:
+        mats = [getattr(lw, name) for lw in layers]
+        assert len({id(m) for m in mats}) == cfg.n_layers and all(m.is_mkldnn for m in mats)
+        assert all(torch.equal(m.to_dense(), mats[0].to_dense()) for m in mats[1:])
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("kind", ["opt-postln-proj", "llama-gqa"])
 def test_prepacked_equals_plain_and_unpacks(checkpoint, kind, dtype):
