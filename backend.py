@@ -82,7 +82,7 @@ class LocalBackend:
     """The R-Part in this process: one KVCache, attention run synchronously at submit."""
 
     def __init__(self, kv_cfg, threads=None):
-        self.cache, self.threads, self.r_busy = kvcache.KVCache(kv_cfg), threads, 0.0
+        self.cache, self.threads, self.r_busy = kvcache.KVCache(kv_cfg, write_int8=rpart.store_int8), threads, 0.0
         self.alive = {0}
 
     def can_place(self, capacities):

@@ -5,9 +5,9 @@ R-Part (the per-sequence KV-cache and the attention that reads it, on CPU worker
 is what a worker runs:
 
 - `decode_attention`: the ctypes binding of attn_cpu.c, attention over ragged sequences without
-  copying the KV (`reference_attention` is its slow, obvious float64 twin, for tests);
-- `attend_step`: one layer of one decode step on a KV store (kvcache.py): write this step's
-  k, v at each sequence's position, then attend;
+  copying the KV (`reference_attention` is its slow, obvious float64 twin, for tests), and
+  `store_int8`, its writer of quantized rows into an int8 KV store (kvcache.py);
+- `attend_step`: one layer of a decode step on a KV store: write this step's k, v, then attend;
 - the worker process: a `Worker` (one handler per message type) behind a socket speaking the
   frames of wire.py, one thread per connection. The engine's side of it is backend.py.
 
@@ -20,7 +20,6 @@ Legend: S sequences, Hq/Hkv query/KV heads, D head dim, L cached length of one s
 """
 import argparse
 import ctypes
-import ipaddress
 import os
 import socket
 import struct
@@ -70,6 +69,7 @@ def load_kernel():
         I = ctypes.c_int
         lib.fd_decode_attention.argtypes = [P, P, P, P, P, P, I, I, I, I, I, ctypes.c_float, I, P]
         lib.fd_decode_attention.restype = I
+        lib.fd_store_int8.argtypes, lib.fd_store_int8.restype = [P, P, I, I, I, P, P, I, I], I
         lib.fd_read_probe.argtypes, lib.fd_read_probe.restype = [P, ctypes.c_size_t, ctypes.c_int], ctypes.c_uint64
         lib.fd_simd.argtypes, lib.fd_simd.restype = [], ctypes.c_char_p
         lib.fd_max_threads.argtypes, lib.fd_max_threads.restype = [], ctypes.c_int
@@ -212,6 +212,13 @@ def reference_attention(q, keys, values, *, key_scales=None, value_scales=None, 
 # --- one layer of a decode step on a KV store ---
 
 
+def store_int8(k, v, where, pos, layer, n_layers):
+    """An int8 KV store's writer (kvcache.KVCache(write_int8=)): float16 rows k, v [n, Hkv, D],
+    row i quantized to position pos[i] (int64) of layer in the block where[i] (uint64 [n, 3])."""
+    if rc := load_kernel().fd_store_int8(_ptr(k), _ptr(v), *k.shape, _ptr(where), _ptr(pos), layer, n_layers):
+        raise RuntimeError(f"fd_store_int8: {_KERNEL_ERRORS.get(rc, rc)}")
+
+
 def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
     """Write each sequence's new k, v [Hkv, D] at its position of `layer` (the store checks every
     sequence before it writes any, and quantizes for an int8 cache), then attend over rows
@@ -257,7 +264,7 @@ class Worker:
         if self.cache is not None and self.cache.blocks and cfg != self.cache.cfg:
             raise ValueError("cannot reconfigure a worker that holds sequences")
         if self.cache is None or cfg != self.cache.cfg:
-            self.cache = kvcache.KVCache(cfg)
+            self.cache = kvcache.KVCache(cfg, write_int8=store_int8)
         self.n_heads = hq
         return wire.OK, (), ()
 
@@ -318,14 +325,6 @@ def _serve_connection(worker, conn, secret, max_frame, stop):
             return  # framing is lost or the peer is gone: drop this connection only
 
 
-def check_bind(host, secret):
-    """Loopback needs nothing; any other address needs a shared secret. Raises ValueError."""
-    addr = ipaddress.ip_address(socket.gethostbyname(host))
-    if not addr.is_loopback and secret is None:
-        raise ValueError(f"refusing to listen on {host} ({addr}) without --secret-file: "
-                         "workers beyond loopback require a shared secret")
-
-
 def serve(srv, worker, *, secret=None, max_frame=wire.DEFAULT_MAX_FRAME, parent_pid=None):
     """Accept connections on the listening socket `srv` until a SHUTDOWN, or until the process
     `parent_pid` (the engine that started this worker) is gone: no orphan is left behind."""
@@ -373,7 +372,7 @@ def setup(a):
     if a.secret_file:
         with open(a.secret_file, "rb") as f:
             secret = f.read().strip()
-    check_bind(host, secret)
+    wire.check_bind(host, secret)
     load_kernel()
     try:
         srv = socket.create_server((host, int(port)))

@@ -3,7 +3,8 @@
 The engine (backend.py) and a worker (rpart.py) talk over one TCP connection each, in
 length-prefixed binary frames. Nothing is ever pickled: a frame is a fixed header, a fixed
 binary meta struct per message type, and raw little-endian array bytes. Both ends validate
-every field; this module only knows the layout, the size cap and the handshake.
+every field; this module only knows the layout, the size cap, the handshake and who may
+listen beyond loopback (`check_bind`).
 
     header (20 bytes)  magic "FDR1" | version u8 | type u8 | reserved u16 | meta length u32 | payload length u64
     meta               the struct in META[type]
@@ -22,8 +23,10 @@ Legend: S sequences, Hq/Hkv query/KV heads, D head dim, L cached length of one s
 """
 import hashlib
 import hmac
+import ipaddress
 import math
 import secrets
+import socket
 import struct
 
 import ml_dtypes  # noqa: F401  (gives NumPy the "bfloat16" dtype that bfloat16 rows travel in)
@@ -148,6 +151,15 @@ def split_payload(payload, parts):
 
 def _answer(secret, nonce):
     return hmac.new(secret, nonce, hashlib.sha256).digest() if secret is not None else bytes(32)
+
+
+def check_bind(host, secret):
+    """A worker may listen on loopback as it is; on any other address only with a shared secret
+    (rpart.py's --secret-file). Raises ValueError."""
+    addr = ipaddress.ip_address(socket.gethostbyname(host))
+    if not addr.is_loopback and secret is None:
+        raise ValueError(f"refusing to listen on {host} ({addr}) without --secret-file: "
+                         "workers beyond loopback require a shared secret")
 
 
 def challenge(sock, reader, secret):

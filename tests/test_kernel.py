@@ -300,6 +300,65 @@ def test_int8_bad_argument_raises_naming_it(name, args, kw):
         rpart.decode_attention(*args, **kw)
 
 
+def int8_stores(rows, seqs=(3, 5, 9), capacity=40):
+    """The same int8 store twice, NumPy's writes and the kernel library's (rpart.store_int8),
+    every byte of both blocks and scales set to the same junk first, so a stray write shows."""
+    L, Hkv, D = rows.shape[1:]
+    pair = [kvcache.KVCache(kvcache.KVConfig(3, Hkv, D, "int8", 2**26), write_int8=w) for w in (None, rpart.store_int8)]
+    for c in pair:
+        for s in seqs:
+            c.allocate(s, capacity)
+            c.blocks[s][...], c.scales[s][...] = 77, -1.0
+    return pair
+
+
+@pytest.mark.parametrize("Hkv,D", [(3, 64), (2, 128), (1, 8)])
+def test_int8_writer_quantizes_like_numpy_bit_for_bit(build, Hkv, D):
+    """Prefill and decode writes into an int8 store through the C writer leave every byte as
+    NumPy's quantize_int8 does: float16 rows with outlier channels, all-zero rows, subnormals,
+    ties that round to even (x / scale = k + 0.5), a row whose max is its only nonzero."""
+    rng = rng_for(D, 5)
+    rows = (rng.standard_normal((2, 24, Hkv, D)) * rng.uniform(1e-3, 30, (1, 1, Hkv, D))).astype(np.float16)
+    rows[:, 3] = 0                                                  # all zero: scale 0, row 0
+    rows[:, 4] = np.float16(6e-8)                                   # float16 subnormals
+    rows[:, 5] = np.arange(D, dtype=np.float16) % 9 - 4             # max 4: x * 127 / 4 hits .75 .5 .25
+    rows[:, 6, :, 1:] = 0                                           # the max is the only nonzero
+    rows[:, 7] = (np.arange(D) % 20 + 0.5) * (-1.0) ** np.arange(D)   # ties: scale 1, +-(k + 0.5) to even
+    rows[:, 7, :, 0] = 127
+    numpy_store, c_store = int8_stores(rows)
+    for c in (numpy_store, c_store):
+        for layer in range(3):
+            c.fill(3, layer, rows[0, :12 + layer], rows[1, :12 + layer])
+            c.fill(5, layer, rows[1, :1], rows[0, :1])
+        for step in range(8):                                       # decode: 3 sequences at ragged positions
+            k, v = rows[0, 12 + step: 15 + step].copy(), rows[1, step: step + 3].copy()
+            c.write_batch(step % 3, [3, 5, 9], [12 + step % 3 + step // 3, 1 + step // 3, step // 3], k, v)
+    for s in (3, 5, 9):
+        assert np.array_equal(numpy_store.blocks[s], c_store.blocks[s]), f"sequence {s}: int8 rows differ"
+        assert np.array_equal(numpy_store.scales[s].view(np.uint32), c_store.scales[s].view(np.uint32))
+        assert np.array_equal(numpy_store.lengths[s], c_store.lengths[s])
+    assert (c_store.scales[3][0, 0, 3] == 0).all() and (c_store.blocks[3][0, 0, 3] == 0).all()
+
+
+def test_int8_writer_checks_before_writing():
+    """A bad step through the C writer fails as NumPy's does and changes nothing; a bad address
+    list is refused by the library itself."""
+    rows = np.ones((2, 4, 2, 16), np.float16)
+    _, c = int8_stores(rows, seqs=(0, 1), capacity=4)
+    before = c.blocks[1].copy()
+    with pytest.raises(ValueError, match="position 3"):
+        c.write_batch(0, [0, 1], [0, 3], rows[0, :2], rows[1, :2])   # a hole in sequence 1
+    with pytest.raises(kvcache.KVCacheFull):
+        c.fill(1, 0, np.ones((5, 2, 16), np.float16), np.ones((5, 2, 16), np.float16))
+    assert np.array_equal(c.blocks[1], before) and c.lengths[1].sum() == 0
+    where = np.array([c.where[1]], dtype=np.uint64)
+    with pytest.raises(RuntimeError, match="bad sequence length or pointer"):       # position past capacity
+        rpart.store_int8(rows[0, :1], rows[1, :1], where, np.array([4], np.int64), 0, 3)
+    with pytest.raises(RuntimeError, match="bad dimensions"):                       # layer past n_layers
+        rpart.store_int8(rows[0, :1], rows[1, :1], where, np.array([0], np.int64), 3, 3)
+    assert np.array_equal(c.blocks[1], before)
+
+
 # --- bfloat16 KV: every build, against the bound its rounding implies ---
 
 def check_bf16(q, K, V, simd, threads=2):
