@@ -62,7 +62,8 @@ def test_ragged_batch_matches_reference(dtype, tol, D, heads, threads):
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-4), (np.float16, 2e-3)])
 @pytest.mark.parametrize("heads,D", [((25, 25), 64), ((12, 4), 72), ((6, 3), 8), ((16, 2), 200),
-                                     ((4, 4), 256), ((2, 1), 40), ((9, 3), 64), ((14, 2), 64), ((12, 2), 64)])
+                                     ((4, 4), 256), ((2, 1), 40), ((9, 3), 64), ((14, 2), 64), ((12, 2), 64),
+                                     ((10, 2), 64), ((13, 1), 32)])  # G 7, 5, 13: padded groups
 def test_other_head_layouts_and_dims(dtype, tol, heads, D):
     """The kernel's other paths: an odd head count (the last head alone), GQA groups of 3, 6, 7
     and 2, head counts that are not a multiple of 16 (the flat softmax, and above 16 pattern vectors
@@ -224,7 +225,7 @@ def check_int8(q, K8, V8, sc, simd, threads=2):
 
 
 @pytest.mark.parametrize("heads,D", [((32, 32), 64), ((32, 8), 128), ((6, 3), 8), ((16, 2), 200), ((25, 25), 72),
-                                     ((9, 3), 64)])
+                                     ((9, 3), 64), ((14, 2), 64), ((10, 2), 128)])
 def test_int8_matches_reference_on_every_build(build, heads, D):
     """int8 K, V with their scales, every head layout path and masked head sizes, two threads."""
     Hq, Hkv = heads
@@ -381,7 +382,7 @@ def check_bf16(q, K, V, simd, threads=2):
 
 
 @pytest.mark.parametrize("heads,D", [((32, 32), 64), ((32, 8), 128), ((12, 4), 64), ((25, 25), 96), ((6, 3), 8),
-                                     ((16, 2), 200), ((9, 3), 64), ((12, 2), 64)])
+                                     ((16, 2), 200), ((9, 3), 64), ((12, 2), 64), ((14, 2), 64), ((10, 2), 128)])
 def test_bf16_matches_reference_on_every_build(build, heads, D):
     """bf16 K, V: the vdpbf16ps paths (GQA groups of 4, 3, 6, 2 and 1, an odd head count), masked head
     sizes and D % 32 != 0 (V by conversion), lengths around the 4-row tiles (the last padded
