@@ -247,7 +247,7 @@ FD_INLINE void rows_accumulate(float *restrict acc, const float *restrict p, con
     }
 }
 
-// The sums of a pair-interleaved pass (rows4_accumulate_q8, rows4_accumulate_bf16) sit, per 32
+// The sums of a pair-interleaved pass (rows_accumulate_q8, rows4_accumulate_bf16) sit, per 32
 // elements, as [d 0-3, 8-11, 16-19, 24-27 | d 4-7, 12-15, 20-23, 28-31]: *x0, *x1 into d order
 // by four 128-bit shuffles.
 FD_INLINE void d_order(__m512i *x0, __m512i *x1) {
@@ -287,30 +287,38 @@ FD_INLINE void block_weights_i16(const float *p, const float *vs, int nb2, int H
     }
 }
 
-// acci[h] += the 4 rows' w16 . v for every head (rows v, v + row, ..): per 32 elements of a row,
-// widened to int16 and interleaved with the next row's, so lane 4k + i of the first vector holds
-// d = 8k + i of the pair and of the second d = 8k + 4 + i (fold_q8 undoes this order).
-FD_INLINE void rows4_accumulate_q8(int32_t *restrict acci, const uint32_t *wp, const char *v, size_t row, size_t head,
-                                   int Hq, int Hkv, int NH, int D, Pf *pf) {
+// acci[h] += the TT rows' w16 . v for every head (rows v, v + row, ..; TT = 4 or 8, pairs of
+// rows): per 32 elements of a row, widened to int16 and interleaved with the next row's, so lane
+// 4k + i of the first vector holds d = 8k + i of the pair and of the second d = 8k + 4 + i
+// (fold_q8 undoes this order). Each int32 accumulator is loaded and stored once for the TT rows.
+FD_INLINE void rows_accumulate_q8(int32_t *restrict acci, const uint32_t *wp, const char *v, size_t row, size_t head,
+                                  int Hq, int Hkv, int NH, int D, int TT, Pf *pf) {
     const uint64_t gm = div_magic(Hq / Hkv);
     for (int h = 0; h < Hq; h += NH) {
         const char *vh = v + (size_t)div_g(h, gm) * head;
         pf_step(pf);
-        __m512i w01[4], w23[4];
+        __m512i w[4][4];  // [pair][head]
 #pragma GCC unroll 4
-        for (int j = 0; j < NH; j++) w01[j] = _mm512_set1_epi32((int)wp[h + j]), w23[j] = _mm512_set1_epi32((int)wp[Hq + h + j]);
+        for (int u = 0; u < TT / 2; u++)
+#pragma GCC unroll 4
+            for (int j = 0; j < NH; j++) w[u][j] = _mm512_set1_epi32((int)wp[(size_t)u * Hq + h + j]);
         for (int i = 0; i < D; i += 32) {
-            __m512i r[4];
+            __m512i x[4][2];  // [pair][lo, hi]
 #pragma GCC unroll 4
-            for (int t = 0; t < 4; t++) r[t] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(vh + (size_t)t * row + i)));
-            const __m512i x0 = _mm512_unpacklo_epi16(r[0], r[1]), x1 = _mm512_unpackhi_epi16(r[0], r[1]);
-            const __m512i y0 = _mm512_unpacklo_epi16(r[2], r[3]), y1 = _mm512_unpackhi_epi16(r[2], r[3]);
+            for (int u = 0; u < TT / 2; u++) {
+                const __m512i r0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(vh + (size_t)(2 * u) * row + i)));
+                const __m512i r1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(vh + (size_t)(2 * u + 1) * row + i)));
+                x[u][0] = _mm512_unpacklo_epi16(r0, r1), x[u][1] = _mm512_unpackhi_epi16(r0, r1);
+            }
 #pragma GCC unroll 4
             for (int j = 0; j < NH; j++) {
                 int32_t *a = acci + (size_t)(h + j) * D + i;
-                const __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 16);
-                _mm512_storeu_si512(a, _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(a0, w01[j], x0), w23[j], y0));
-                _mm512_storeu_si512(a + 16, _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(a1, w01[j], x1), w23[j], y1));
+                __m512i a0 = _mm512_loadu_si512(a), a1 = _mm512_loadu_si512(a + 16);
+#pragma GCC unroll 4
+                for (int u = 0; u < TT / 2; u++)
+                    a0 = _mm512_dpwssd_epi32(a0, w[u][j], x[u][0]), a1 = _mm512_dpwssd_epi32(a1, w[u][j], x[u][1]);
+                _mm512_storeu_si512(a, a0);
+                _mm512_storeu_si512(a + 16, a1);
             }
         }
     }
@@ -338,7 +346,7 @@ FD_INLINE void fold_q8(float *restrict acc, int32_t *restrict acci, const float 
 // --- bf16 V by vdpbf16ps, 4 rows (2 pairs) at a time ---
 // The block's weights p go to bf16 (as torch's own bf16 attention rounds them: a relative error
 // of at most 2^-8 per weight) in pairs of rows, and each V row pair, interleaved as in
-// rows4_accumulate_q8, adds p[t] * v[t] + p[t+1] * v[t+1] in one instruction per 16 lanes: half
+// rows_accumulate_q8, adds p[t] * v[t] + p[t+1] * v[t+1] in one instruction per 16 lanes: half
 // the FMAs of fp16 V and no conversion. The float accumulators stay in the interleaved order for
 // the whole chunk (the per-block rescale is one factor per head: order-free) and go back to d
 // order once, at its end (bf16_d_order).

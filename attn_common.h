@@ -47,6 +47,9 @@ enum { FD_F32 = 0, FD_F16 = 1, FD_I8 = 2, FD_BF16 = 3 };  // KV element types, a
 #ifndef TRV1
 #define TRV1 4       // ... and for one head per KV head (MHA)
 #endif
+#ifndef TRQ
+#define TRQ 8        // token rows per tile of the int8 V pass (4 pairs; the block's last rows 4 at a time)
+#endif
 #ifndef TRB
 #define TRB 4        // token rows per tile of the bf16 V pass (pairs of rows; 8: Llama in cache 0.88x)
 #endif

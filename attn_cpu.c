@@ -124,14 +124,16 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
         if (dt == FD_I8 && D % 32 == 0) {  // int8 V by vpdpwssd, 4 rows at a time (see attn_avx512.h)
             const int nb4 = nb / 4 * 4;
             block_weights_i16(sc, sq->vs + (size_t)b0 * Hkv, nb4, Hq, Hkv, G, wp, wq);
-            for (; v0 < b0 + nb4; v0 += 4) {
-                Pf pf = rows_ahead(sq->v, v0, 4, ahead, t1, row, steps);
+            for (int n; v0 < b0 + nb4; v0 += n) {
+                n = b0 + nb4 - v0 >= TRQ ? TRQ : 4;
+                Pf pf = rows_ahead(sq->v, v0, n, ahead, t1, row, steps);
                 const uint32_t *w = wp + (size_t)(v0 - b0) / 2 * Hq;
                 const char *vt = sq->v + (size_t)v0 * row;
-                if (NH == 4) rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 4, D, &pf);
-                else if (NH == 3) rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 3, D, &pf);
-                else if (NH == 2) rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 2, D, &pf);
-                else rows4_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 1, D, &pf);
+                if (n == 4) rows_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, NH, D, 4, &pf);  // (NH as it is: one variant)
+                else if (NH == 4) rows_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 4, D, TRQ, &pf);
+                else if (NH == 3) rows_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 3, D, TRQ, &pf);
+                else if (NH == 2) rows_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 2, D, TRQ, &pf);
+                else rows_accumulate_q8(acci, w, vt, row, head, Hq, Hkv, 1, D, TRQ, &pf);
                 pf_rest(&pf);
             }
             fold_q8(acc, acci, wq, Hq, D);
