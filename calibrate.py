@@ -207,9 +207,13 @@ def fit_spart(points):
     a: seconds per weight read, c: per weight per sequence (FLOPs), g: per-layer fixed cost."""
     A = np.array([[w, w * b, n] for w, n, b, _ in points], dtype=np.float64)
     t = np.array([s for *_, s in points])
-    scale = A.max(axis=0)
-    x, *_ = np.linalg.lstsq(A / scale, t, rcond=None)
-    x = np.maximum(x / scale, 0.0)
+    scale, keep, x = A.max(axis=0), [0, 1, 2], np.zeros(3)
+    while keep:  # a term that fits negative is dropped and the rest refitted (clamping it to 0 after
+        x[:] = 0  # the fit would leave the others fitted to its negative share)
+        x[keep] = np.linalg.lstsq(A[:, keep] / scale[keep], t, rcond=None)[0] / scale[keep]
+        if (x >= 0).all():
+            break
+        keep.remove(int(np.argmin(x)))
     return {"per_weight_s": x[0], "per_weight_seq_s": x[1], "per_layer_s": x[2]}
 
 
