@@ -88,15 +88,6 @@ FD_INLINE float half_to_float(uint16_t h) {
     return f;
 }
 
-// n halves (a multiple of 8) -> floats: F16C's conversion where there is one (the same values).
-FD_INLINE void halves_to_floats(const uint16_t *h, int n, float *f) {
-#if defined(__F16C__) && (defined(__AVX2__) || defined(__AVX512F__))
-    for (int i = 0; i < n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
-#else
-    for (int i = 0; i < n; i++) f[i] = half_to_float(h[i]);
-#endif
-}
-
 // bfloat16 is float32's top half: widening is a shift (narrowing, only on AVX512-BF16 builds, is
 // round_bf16 in attn_avx512.h).
 FD_INLINE float bf16_to_float(uint16_t b) {

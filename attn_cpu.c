@@ -45,8 +45,8 @@
 // sequence, a third of each item's rows had been loaded cold (A/B on a 30-layer store, 1 thread:
 // 1.10-1.22x from memory for bf16, fp16 and int8; OPT-1.3b and Llama shapes 0.99-1.01x).
 
-// fd_store_int8 (after the kernel) writes an int8 store's rows, quantizing float16 in C: at batch
-// 16 with OPT-125m's heads a layer's write_batch takes 35 us, 122 in NumPy (10-20% of the attention).
+// The same library writes an int8 store's rows (fd_store_int8, in attn_store.h): quantizing
+// float16 in C, at batch 16 with OPT-125m's heads a layer's write_batch takes 35 us, 122 in NumPy.
 
 // Legend: S sequences, Hq query heads, Hkv KV heads, G = Hq/Hkv, D head dim, L cached length.
 // Built by `make` into attn_cpu.so (with attn_common.h and one SIMD flavor: attn_avx512.h or
@@ -239,47 +239,6 @@ static void quantize_q(const float *q, int n_heads, int D, float scale, int8_t *
     }
 }
 
-// --- writing int8 rows into the store: kvcache.KVCache's writes, through rpart.store_int8 ---
-
-// k and v hold n float16 rows [n, Hkv, D], one token's K or V each. Row i goes into its
-// sequence's block of an int8 store (kvcache.py: [2, n_layers, capacity, Hkv, D] int8, scales
-// [2, n_layers, capacity, Hkv] float32), where[i] = (block, scales, capacity), at position pos[i]
-// of layer, quantized per head as kvcache.quantize_int8 does, bit for bit: scale = max|x| / 127,
-// row = rint(x * (1 / scale)), 0 where scale is 0. NumPy took 120-140 us a layer at batch 16
-// with OPT-125m's heads (converting float16, the short-axis max); this 10-15 us.
-int fd_store_int8(const uint16_t *k, const uint16_t *v, int n, int Hkv, int D, const uint64_t *where,
-                  const int64_t *pos, int layer, int n_layers) {
-    if (n < 0 || Hkv < 1 || D < 8 || D % 8 || D > MAX_D || layer < 0 || layer >= n_layers) return -1;
-    const size_t row = (size_t)Hkv * D;
-    for (int i = 0; i < n; i++) {
-        const uint64_t *w = where + 3 * (size_t)i;  // block, scales, capacity
-        if (!w[0] || !w[1] || pos[i] < 0 || (uint64_t)pos[i] >= w[2]) return -2;
-        for (int kv = 0; kv < 2; kv++) {
-            const size_t at = ((size_t)kv * n_layers + layer) * w[2] + (size_t)pos[i];  // row index in the block
-            const uint16_t *src = (kv ? v : k) + i * row;
-            for (int h = 0; h < Hkv; h++) {
-                float f[MAX_D], mx;
-                uint32_t top = 0;  // max |x| by its bits (the same order for floats; a loop the compiler vectorizes)
-                halves_to_floats(src + (size_t)h * D, D, f);
-                for (int j = 0; j < D; j++) {
-                    uint32_t b;
-                    memcpy(&b, f + j, 4);
-                    top = (b & 0x7fffffffu) > top ? b & 0x7fffffffu : top;
-                }
-                memcpy(&mx, &top, 4);
-                const float s = mx / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
-                int8_t *q = (int8_t *)(uintptr_t)w[0] + (at * Hkv + h) * D;
-                for (int j = 0; j < D; j++) {
-                    const float r = rintf(f[j] * inv);  // within [-127, 127] but for an ulp: clamped
-                    q[j] = (int8_t)(r > 127.0f ? 127 : r < -127.0f ? -127 : (int)r);
-                }
-                ((float *)(uintptr_t)w[1])[at * Hkv + h] = s;
-            }
-        }
-    }
-    return 0;
-}
-
 // --- the entry point ---
 
 const char *fd_simd(void) {
@@ -448,3 +407,5 @@ uint64_t fd_read_probe(const void *buf, size_t n, int nthreads) {
     for (int64_t i = 0; i < words; i++) total += p[i];
     return total;
 }
+
+#include "attn_store.h"  // fd_store_int8: an int8 store's rows quantized as they are written
