@@ -158,11 +158,11 @@ class KVCache:
         block[0, layer, rows] = K
         block[1, layer, rows] = V
 
-    def _write_int8(self, layer, seqs, positions, k, v):
-        """Rows k, v [n, Hkv, D] of seqs[i] at positions[i] by write_int8 (one sequence: np.tile)."""
-        where = np.array([self.where[s] for s in seqs], dtype=np.uint64) if len(set(seqs)) > 1 \
-            else np.tile(np.array(self.where[seqs[0]], dtype=np.uint64), (len(seqs), 1))
+    def _write_int8(self, layer, where, positions, k, v):
+        """Rows k, v [n, Hkv, D] by write_int8, row i into the block where[i] (self.where's
+        tuples, [n, 3]) at positions[i]."""
         k, v = (np.ascontiguousarray(x, dtype=np.float16) for x in (k, v))
+        where = np.asarray(where, dtype=np.uint64)
         self.write_int8(k, v, where, np.asarray(positions, dtype=np.int64), layer, self.cfg.n_layers)
 
     def fill(self, seq, layer, K, V):
@@ -179,7 +179,7 @@ class KVCache:
         if self.write_int8 is None:
             self._store(seq, layer, slice(0, L), K, V)
         else:
-            self._write_int8(layer, [seq] * L, range(L), K, V)
+            self._write_int8(layer, np.tile(np.array(self.where[seq], dtype=np.uint64), (L, 1)), np.arange(L), K, V)
         self.lengths[seq][layer] = L
 
     def write(self, seq, layer, pos, k, v):
@@ -202,7 +202,7 @@ class KVCache:
             if pos >= block.shape[2]:
                 raise KVCacheFull(f"sequence {s}: position {pos} exceeds capacity {block.shape[2]}")
         if self.write_int8 is not None:
-            self._write_int8(layer, seqs, positions, k, v)
+            self._write_int8(layer, [self.where[s] for s in seqs], positions, k, v)
         else:
             kv = np.stack((k, v), dtype=c.row_dtype)  # [2, S, Hkv, D]: one write a sequence, not two
             if c.quantized:
