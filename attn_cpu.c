@@ -121,7 +121,7 @@ FD_INLINE void attend_chunk(const Seq *sq, int t0, int t1, int Hq, int Hkv, int 
         const int tv = NH == 1 ? TRV1 : TRV;
         int v0 = b0;  // the first V row left for the float path
 #if FD_VNNI
-        if (dt == FD_I8 && D % 32 == 0) {  // int8 V by vpdpwssd, 4 rows at a time (see attn_avx512.h)
+        if (dt == FD_I8 && D % 32 == 0) {  // int8 V by vpdpwssd, TRQ rows a tile, a last 4 (see attn_avx512.h)
             const int nb4 = nb / 4 * 4;
             block_weights_i16(sc, sq->vs + (size_t)b0 * Hkv, nb4, Hq, Hkv, G, wp, wq);
             for (int n; v0 < b0 + nb4; v0 += n) {
