@@ -1,4 +1,5 @@
 """R-Part workers over sockets: equality with the in-process loop, fuzzing, secrets, faults."""
+import dataclasses
 import os
 import signal
 import socket
@@ -67,6 +68,36 @@ def test_attend_step_reads_the_rows_the_store_addresses(dtype):
         rpart.attend_step(cache, 0, seqs, [lens[s] for s in seqs], q[:, :, :8], k, v)   # wrong head dim
     with pytest.raises(KeyError, match="unknown sequence 5"):
         rpart.attend_step(cache, 0, [4, 5, 2], [6, 0, 13], q, k, v)
+
+
+def test_freed_memory_is_reused_within_the_budget():
+    """A freed sequence's buffer serves the next one that fits in it (at most 1/8 larger), so its
+    pages are not faulted in again, and shows nothing of what it held; spares are let go, oldest
+    first, when new memory must fit in the budget beside them."""
+    cfg = kvcache.KVConfig(2, 2, 16, "int8")
+    cfg = dataclasses.replace(cfg, mem_bytes=200 * cfg.bytes_per_token)
+    rng, cache = np.random.default_rng(3), kvcache.KVCache(cfg)
+    junk = rng.standard_normal((100, 2, 16)).astype(np.float16) * 50
+    cache.allocate(1, 100)
+    cache.fill(1, 0, junk, junk)
+    first = cache.where[1][0]
+    cache.free(1)
+    assert cache.stats()["bytes_spare"] == 100 * cfg.bytes_per_token and cache.stats()["bytes_reserved"] == 0
+    q, k, v = (rng.standard_normal(shape).astype(dt) for shape, dt in
+               (((1, 4, 16), np.float32), ((1, 2, 16), np.float16), ((1, 2, 16), np.float16)))
+    K3, V3 = (rng.standard_normal((3, 2, 16)).astype(np.float16) for _ in "KV")
+    outs = []
+    for c in (cache, kvcache.KVCache(cfg)):        # reused memory, then new memory
+        c.allocate(2, 95)
+        c.fill(2, 0, K3, V3)
+        outs.append(rpart.attend_step(c, 0, [2], [3], q, k, v))
+    assert cache.where[2][0] == first and cache.stats()["bytes_spare"] == 0
+    assert np.array_equal(*outs), "a reused buffer's old rows leaked into attention"
+    cache.free(2)
+    cache.allocate(3, 50)                           # half the spare's size: new memory, the spare kept
+    assert cache.where[3][0] != first and cache.stats()["bytes_spare"] == 100 * cfg.bytes_per_token
+    cache.allocate(4, 150)                          # no spare fits, and 100 + 50 + 150 > 200: let go
+    assert cache.stats()["bytes_spare"] == 0 and cache.held == cfg.mem_bytes
 
 
 # --- a worker under fuzz ---
