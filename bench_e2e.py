@@ -103,8 +103,12 @@ def e2e_rows(configs, dtype, args):
     rows = []
     for llm, model, B, P, prompts in engine_per_model(configs, dtype):
         hf = hf_twin(llm.spart)
-        run_engine(llm, prompts, 2)  # untimed, same shapes: oneDNN builds its kernels on first use, and
-        run_hf(hf, prompts, 2)       # whichever side ran first would pay that for both (measured: 3.6 vs 2.5 s)
+        # Untimed, the same run: oneDNN builds its kernels on first use, and whichever side ran first
+        # would pay that for both (measured: 3.6 vs 2.5 s); and memory is new to each side once (new
+        # pages are zeroed on first touch, slowly on this VM: the worker took 0.17 s to store the
+        # first 16 x 128 tokens of opt-125m K/V, 0.02-0.07 s when its memory had been used before).
+        run_engine(llm, prompts, args.gen_len)
+        run_hf(hf, prompts, args.gen_len)
         eng, ref = [], []
         for _ in range(args.rounds):
             eng.append(run_engine(llm, prompts, args.gen_len))
