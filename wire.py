@@ -32,7 +32,7 @@ import struct
 import ml_dtypes  # noqa: F401  (gives NumPy the "bfloat16" dtype that bfloat16 rows travel in)
 import numpy as np
 
-MAGIC, VERSION = b"FDR1", 1
+MAGIC, VERSION = b"FDR1", 2                 # 2: STATS_REPLY carries bytes_spare
 HEADER = struct.Struct("<4sBBHIQ")          # magic, version, type, reserved, meta len, payload len
 MAX_META = 64
 DEFAULT_MAX_FRAME = 256 * 2**20             # bytes of payload; prefill ships one layer per frame
@@ -51,9 +51,9 @@ META = {  # fixed binary meta per message type
     STATS: struct.Struct(""), SHUTDOWN: struct.Struct(""), OK: struct.Struct(""),
     ERROR: struct.Struct(""),               # payload: utf-8 message
     OUT: struct.Struct("<IQ"),              # S, kernel nanoseconds; payload o f32 [S, Hq, D]
-    STATS_REPLY: struct.Struct("<6Q"),      # see STATS_FIELDS
+    STATS_REPLY: struct.Struct("<7Q"),      # see STATS_FIELDS
 }
-STATS_FIELDS = ("sequences", "tokens", "bytes_used", "bytes_reserved", "bytes_free", "threads")
+STATS_FIELDS = ("sequences", "tokens", "bytes_used", "bytes_reserved", "bytes_free", "bytes_spare", "threads")
 KV_DTYPES = {0: "float16", 1: "float32", 2: "int8", 3: "bfloat16"}  # CONFIGURE's dtype code -> the KV element type
 KV_CODES = {name: code for code, name in KV_DTYPES.items()}
 
