@@ -161,8 +161,9 @@ class KVCache:
         if fits:
             return self.spare.pop(min(fits, key=lambda i: self.spare[i].nbytes))
         self._trim(nbytes)
+        buf = np.empty(nbytes, dtype=np.uint8)    # address space only: pages are touched as rows are written
         self.held += nbytes
-        return np.empty(nbytes, dtype=np.uint8)   # address space only: pages are touched as rows are written
+        return buf
 
     def _trim(self, more):
         """Let go of spare buffers, oldest first, until `more` new bytes fit in the budget
