@@ -13,7 +13,7 @@ CFLAGS_PORTABLE := -O3 -fopenmp -fPIC -shared $(WARN)
 MAKEFLAGS += -j2
 
 # the kernel: attn_cpu.c includes the shared part and one SIMD flavor (one .so, one translation unit)
-KERNEL_SRC := attn_cpu.c attn_common.h attn_avx512.h attn_portable.h attn_store.h
+KERNEL_SRC := attn_cpu.c attn_common.h attn_avx512.h attn_portable.h attn_gqa.h attn_store.h
 
 .PHONY: all variants debug install install-runtime test run bench clean
 

@@ -35,7 +35,8 @@ import wire
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIB_PATH = os.path.join(HERE, "attn_cpu.so")
-SRC_PATHS = [os.path.join(HERE, f) for f in ("attn_cpu.c", "attn_common.h", "attn_avx512.h", "attn_portable.h", "attn_store.h")]
+SRC_PATHS = [os.path.join(HERE, f) for f in (
+    "attn_cpu.c", "attn_common.h", "attn_avx512.h", "attn_portable.h", "attn_gqa.h", "attn_store.h")]
 
 # --- loading the kernel ---
 
