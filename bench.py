@@ -62,7 +62,7 @@ def main(argv=None):
     e = sub.add_parser("e2e", help="the engine vs transformers generate() on the same random weights, in the same dtype")
     e.add_argument("--models", nargs="+", default=["opt-125m", "opt-1.3b"], help="models to run")
     e.add_argument("--gen-len", type=int, default=32, help="tokens generated per request")
-    e.add_argument("--rounds", type=int, default=1, help="alternating rounds per contender (best kept)")
+    e.add_argument("--rounds", type=int, default=1, help="alternating rounds per contender after the first (best of all kept)")
     e.add_argument("--quick", action="store_true", help="prompt 128 only")
     e.add_argument("--no-real", action="store_true", help="skip the SmolLM2-135M rows (batch 1 vs weight read)")
     e.add_argument("--json", action="store_true", help="put every row in the closing JSON line")
