@@ -60,7 +60,8 @@ def predicted_decode_tok_s(llm, prof):
 def step_breakdown(llm, prof):
     """Milliseconds per decode step: S-Part work, waiting for the R-Part (its kernel, and the
     rest: the round trip), and what is left (sampling, bookkeeping). The S-Part's fixed cost per
-    layer (Python and dispatch) is the calibrated one, when a profile exists."""
+    layer (Python and dispatch) is the calibrated one, when a profile's fit has one (it drops a
+    term that fits negative, and a 0 there means "not resolved", not "free")."""
     st = llm.stats
     n = max(1, len(st.step_ms))
     kernel = llm.backend.r_busy / max(1, len(llm.backend.free_bytes()))
@@ -69,7 +70,7 @@ def step_breakdown(llm, prof):
         s_part, r_wait = s_part - kernel, kernel
     out = {"s_part": s_part, "r_wait": r_wait, "kernel": kernel, "other": st.decode_wall - st.s_busy - st.r_wait}
     out = {k: 1e3 * v / n for k, v in out.items()}
-    if prof is not None:
+    if prof is not None and prof["spart"]["per_layer_s"] > 0:
         out["s_fixed"] = 1e3 * prof["spart"]["per_layer_s"] * llm.spart.cfg.n_layers
     return out
 

@@ -80,6 +80,21 @@ def test_fit_spart_refits_without_a_term_that_fits_negative():
     assert np.abs(A @ refit - t).max() < 0.5 * np.abs(A @ clamped - t).max()
 
 
+
+def test_report_names_a_fixed_per_layer_cost_only_where_the_fit_has_one():
+    """The report's step line gives the calibrated per-layer cost; a fit that dropped the term
+    (see above) has none to give, and printing its 0 read as "no fixed cost" (fastdecode.py's
+    report said "fixed per-layer cost 0.0" on this host)."""
+    import types
+    import fastdecode
+    ns = types.SimpleNamespace
+    llm = ns(stats=ns(step_ms=[10.0, 10.0], s_busy=0.012, r_wait=0.006, decode_wall=0.02),
+             backend=ns(r_busy=0.004, free_bytes=lambda: [1]), spart=ns(cfg=ns(n_layers=12)))
+    b = fastdecode.step_breakdown(llm, {"spart": {"per_layer_s": 1e-4}})
+    assert abs(b["s_fixed"] - 1.2) < 1e-9 and abs(b["kernel"] - 2.0) < 1e-9  # ms per step: 12 layers x 0.1 ms
+    assert "s_fixed" not in fastdecode.step_breakdown(llm, {"spart": {"per_layer_s": 0.0}})
+    assert "s_fixed" not in fastdecode.step_breakdown(llm, None)
+
 def test_host_step_by_hand():
     cfg = spart.KNOWN["opt-125m"][1]
     W, n = cfg.weight_count(), cfg.n_layers
