@@ -3,9 +3,9 @@
 The model predicts a decode step from a few rates; this module measures them here, the way the
 engine runs: the memory's read bandwidth (the R-Part's physical limit), the attention kernel's
 GB/s of KV read and its fixed cost per call, a local worker's round trip over loopback and what
-a decode call costs beyond the kernel, and the S-Part's step time against the batch size
-(fitted as weights read + FLOPs + a fixed cost per layer). `python perfmodel.py calibrate`
-writes the result as a JSON profile.
+a decode call costs beyond the kernel, and the S-Part's step time against the batch size: a
+fixed cost per layer, measured on a shrunken layer, plus the weights' read and the FLOPs,
+fitted. `python perfmodel.py calibrate` writes the result as a JSON profile.
 """
 import os
 import time
@@ -202,18 +202,40 @@ def s_step_time(sp, b):
     return median_time(step, 5)
 
 
-def fit_spart(points):
+def layer_fixed_time(cfg, device=None, dtype=None, depths=(4, 20)):
+    """Seconds per layer that do not grow with the weights (Python, torch's dispatch, the
+    engine's conversions to and from NumPy): the same layer's calls at batch 1, on a model of
+    cfg's family shrunk to a width where their arithmetic is nothing (H 64, one head, F 256, a
+    vocabulary of 256), timed at two depths so that the embedding and the LM head cancel.
+    Measured, not fitted: on this host a least-squares fit of the real models' step times put
+    it below 0 (the layers' calls overlap the weights' reads), and a 0 then hid it from the report."""
+    import dataclasses
+
+    import weights
+    t = []
+    for n in depths:
+        c = dataclasses.replace(cfg, hidden=64, n_heads=1, n_kv_heads=1, head_dim=64, ffn=256, vocab_size=256,
+                                embed_dim=64, n_layers=n)
+        dev, dt, why = spart.default_device_dtype(c, device, dtype)
+        t.append(s_step_time(spart.SPart(c, weights.random_weights(c, dt, dev), dev, dt, dtype_why=why), 1))
+    return max(0.0, (t[1] - t[0]) / (depths[1] - depths[0]))
+
+
+def fit_spart(points, per_layer=None):
     """Least squares over (weight_count, n_layers, b, seconds): t = W*(a + c*b) + layers*g.
-    a: seconds per weight read, c: per weight per sequence (FLOPs), g: per-layer fixed cost."""
+    a: seconds per weight read, c: per weight per sequence (FLOPs), g: per-layer fixed cost,
+    fitted, or given (`per_layer`, as layer_fixed_time measures it) and the rest fitted to t - layers*g."""
     A = np.array([[w, w * b, n] for w, n, b, _ in points], dtype=np.float64)
-    t = np.array([s for *_, s in points])
-    scale, keep, x = A.max(axis=0), [0, 1, 2], np.zeros(3)
+    t = np.array([s for *_, s in points]) - (0.0 if per_layer is None else A[:, 2] * per_layer)
+    scale, keep, x = A.max(axis=0), [0, 1] if per_layer is not None else [0, 1, 2], np.zeros(3)
     while keep:  # a term that fits negative is dropped and the rest refitted (clamping it to 0 after
         x[:] = 0  # the fit would leave the others fitted to its negative share)
         x[keep] = np.linalg.lstsq(A[:, keep] / scale[keep], t, rcond=None)[0] / scale[keep]
         if (x >= 0).all():
             break
         keep.remove(int(np.argmin(x)))
+    if per_layer is not None:
+        x[2] = per_layer
     return {"per_weight_s": x[0], "per_weight_seq_s": x[1], "per_layer_s": x[2]}
 
 
@@ -318,9 +340,12 @@ def calibrate(models=("opt-125m", "opt-1.3b"), batches=(1, 4, 8, 16, 32, 64), de
     bar.update()
     prof["loopback"] = measure_loopback(threads)
     bar.update()
-    points = []
+    points, fixed = [], None
     for m in models:
         sp = spart.SPart.load(m, device=device, quiet=True)
+        if fixed is None:
+            torch.set_num_threads(threads)
+            fixed = layer_fixed_time(sp.cfg, sp.device, sp.dtype)
         shapes = prof["kernel"].setdefault("shapes", {})
         if shape_key(sp.cfg) not in shapes:
             shapes[shape_key(sp.cfg)] = measure_kernel_shape(threads, sp.cfg)
@@ -332,5 +357,5 @@ def calibrate(models=("opt-125m", "opt-1.3b"), batches=(1, 4, 8, 16, 32, 64), de
         del sp
     bar.close()
     prof["spart_points"] = points
-    prof["spart"] = fit_spart(points)
+    prof["spart"] = fit_spart(points, fixed)
     return prof

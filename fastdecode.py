@@ -107,7 +107,7 @@ def print_report(llm, rep):
           f"total {rep['total_tok_s']:.1f} tok/s")
     print(f"  time         prefill {st.prefill_wall:.1f} s, decode {st.decode_wall:.1f} s; "
           f"step p50 {rep['step_ms_p50']:.0f} ms, p99 {rep['step_ms_p99']:.0f} ms")
-    fixed = f" (fixed per-layer cost {b['s_fixed']:.1f}, calibrated)" if "s_fixed" in b else ""
+    fixed = f" (of it {b['s_fixed']:.1f} the layers' fixed cost, Python and dispatch: calibrated)" if "s_fixed" in b else ""
     print(f"  step (ms)    S-Part {b['s_part']:.1f}{fixed}; waiting for the R-Part {b['r_wait']:.1f} "
           f"(attention kernel {b['kernel']:.1f}, round trip and overlap {b['r_wait'] - b['kernel']:.1f}); "
           f"sampling and bookkeeping {b['other']:.1f}")

@@ -81,6 +81,25 @@ def test_fit_spart_refits_without_a_term_that_fits_negative():
 
 
 
+
+def test_fit_spart_takes_a_measured_per_layer_cost():
+    """Given the per-layer cost (as layer_fixed_time measures it), the fit recovers the other two
+    from the same points, even where fitting all three would put the per-layer term below 0."""
+    a, c, g = 3e-11, 2e-12, 2e-4
+    points = [(w, n, b, w * (a + c * b) + n * g) for w, n in ((1.25e8, 12), (1.3e9, 24)) for b in (1, 4, 16, 32)]
+    fit = calibrate.fit_spart(points, per_layer=g)
+    assert fit["per_layer_s"] == g
+    assert abs(fit["per_weight_s"] - a) / a < 1e-6 and abs(fit["per_weight_seq_s"] - c) / c < 1e-6
+
+
+def test_layer_fixed_time_is_the_part_of_a_step_that_does_not_grow_with_the_weights():
+    """Measured on a shrunken layer of the model's family: more than nothing, and less than a
+    whole layer of the real model at batch 1 (which reads its weights too)."""
+    sp = spart.SPart.load("opt-125m", quiet=True)
+    fixed = calibrate.layer_fixed_time(sp.cfg, sp.device, sp.dtype)
+    per_layer = calibrate.s_step_time(sp, 1) / sp.cfg.n_layers
+    assert 0 < fixed < per_layer, (fixed, per_layer)
+
 def test_report_names_a_fixed_per_layer_cost_only_where_the_fit_has_one():
     """The report's step line gives the calibrated per-layer cost; a fit that dropped the term
     (see above) has none to give, and printing its 0 read as "no fixed cost" (fastdecode.py's
