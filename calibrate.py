@@ -7,6 +7,7 @@ a decode call costs beyond the kernel, and the S-Part's step time against the ba
 fixed cost per layer, measured on a shrunken layer, plus the weights' read and the FLOPs,
 fitted. `python perfmodel.py calibrate` writes the result as a JSON profile.
 """
+import dataclasses
 import os
 import time
 
@@ -18,6 +19,7 @@ backend.short_openmp_spin()  # measure as the engine runs (before torch loads li
 import kvcache  # noqa: E402
 import rpart  # noqa: E402
 import spart  # noqa: E402
+import weights  # noqa: E402
 
 # --- timing ---
 
@@ -209,9 +211,6 @@ def layer_fixed_time(cfg, device=None, dtype=None, depths=(4, 20)):
     vocabulary of 256), timed at two depths so that the embedding and the LM head cancel.
     Measured, not fitted: on this host a least-squares fit of the real models' step times put
     it below 0 (the layers' calls overlap the weights' reads), and a 0 then hid it from the report."""
-    import dataclasses
-
-    import weights
     t = []
     for n in depths:
         c = dataclasses.replace(cfg, hidden=64, n_heads=1, n_kv_heads=1, head_dim=64, ffn=256, vocab_size=256,

@@ -60,8 +60,9 @@ def predicted_decode_tok_s(llm, prof):
 def step_breakdown(llm, prof):
     """Milliseconds per decode step: S-Part work, waiting for the R-Part (its kernel, and the
     rest: the round trip), and what is left (sampling, bookkeeping). The S-Part's fixed cost per
-    layer (Python and dispatch) is the calibrated one, when a profile's fit has one (it drops a
-    term that fits negative, and a 0 there means "not resolved", not "free")."""
+    layer (Python and dispatch) is the calibrated one (calibrate.layer_fixed_time), when the
+    profile has one: older profiles fitted it, and a fit that put it below 0 left a 0 there,
+    which means "not resolved", not "free"."""
     st = llm.stats
     n = max(1, len(st.step_ms))
     kernel = llm.backend.r_busy / max(1, len(llm.backend.free_bytes()))
