@@ -19,7 +19,6 @@ backend.short_openmp_spin()  # measure as the engine runs (before torch loads li
 import kvcache  # noqa: E402
 import rpart  # noqa: E402
 import spart  # noqa: E402
-import weights  # noqa: E402
 
 # --- timing ---
 
@@ -215,8 +214,7 @@ def layer_fixed_time(cfg, device=None, dtype=None, depths=(4, 20)):
     for n in depths:
         c = dataclasses.replace(cfg, hidden=64, n_heads=1, n_kv_heads=1, head_dim=64, ffn=256, vocab_size=256,
                                 embed_dim=64, n_layers=n)
-        dev, dt, why = spart.default_device_dtype(c, device, dtype)
-        t.append(s_step_time(spart.SPart(c, weights.random_weights(c, dt, dev), dev, dt, dtype_why=why), 1))
+        t.append(s_step_time(spart.SPart.random(c, device=device, dtype=dtype), 1))
     return max(0.0, (t[1] - t[0]) / (depths[1] - depths[0]))
 
 

@@ -232,11 +232,16 @@ class SPart:
         if model not in KNOWN:
             raise FileNotFoundError(f"{model}: not a directory, not in the Hugging Face cache "
                                     f"({hf_cache_dir()}), and not a known name ({', '.join(KNOWN)})")
-        cfg = dataclasses.replace(KNOWN[model][1])  # a copy: an engine may edit its cfg, not the table
-        dev, dt, why = default_device_dtype(cfg, device, dtype)
         if not quiet:
             print(f"*** {model}: weights not on disk ({repo} not in {hf_cache_dir()}); using RANDOM weights. "
                   "Throughput is real, text is meaningless. ***", file=sys.stderr, flush=True)
+        # a copy of the table's config: an engine may edit its cfg, not the table
+        return cls.random(dataclasses.replace(KNOWN[model][1]), device=device, dtype=dtype, seed=seed, pack=pack)
+
+    @classmethod
+    def random(cls, cfg, *, device=None, dtype=None, seed=0, pack=None):
+        """An S-Part of config `cfg` with random weights (load's fallback; calibrate's shrunken layers)."""
+        dev, dt, why = default_device_dtype(cfg, device, dtype)
         packed = can_prepack(dev, dt) if pack is None else pack  # packing copies each layer: share them until then
         return cls(cfg, weights.random_weights(cfg, dt, dev, seed, shared_layers=packed), dev, dt, None, "random", why, packed)
 
