@@ -162,20 +162,20 @@ FD_INLINE void tile_dots_bf16(__m512 a[16], const uint16_t *restrict qb, const c
 // lane's KV head is floor((h + 0.5) / G), exact in float for h < 2^16 (the fraction stays >= 0.5 / G
 // from an integer), and a permute picks it from the row's scales: the scalar loop with a store
 // and a vector load that this replaced stalled store forwarding on every row (Llama int8).
-FD_INLINE __m512 head_scales(const float *s, int t, int Hkv, int h0, int n, int G) {
-    if (G == 1) return _mm512_maskz_loadu_ps(mask_for(n), s + (size_t)t * Hkv + h0);
+FD_INLINE __m512 head_scales(const uint16_t *s, int t, int Hkv, int h0, int n, int G) {
+    if (G == 1) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask_for(n), s + (size_t)t * Hkv + h0));
     const __m512 h = _mm512_add_ps(_mm512_set1_ps((float)h0 + 0.5f),
                                    _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     const __m512i kv = _mm512_cvttps_epi32(_mm512_mul_ps(h, _mm512_set1_ps(1.0f / (float)G)));
     const int first = _mm_cvtsi128_si32(_mm512_castsi512_si128(kv)), left = Hkv - first;
-    const __m512 row = _mm512_maskz_loadu_ps(mask_for(left < 16 ? left : 16), s + (size_t)t * Hkv + first);
+    const __m512 row = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask_for(left < 16 ? left : 16), s + (size_t)t * Hkv + first));
     return _mm512_permutexvar_ps(_mm512_sub_epi32(kv, _mm512_set1_epi32(first)), row);
 }
 
 // Scores of TT token rows (k, k + row, ..) for every head: st[t * Hq + h]. A tile is HG
 // heads x TT rows: 16 independent dot products, then one transposed reduction gives their sums;
 // float K is scaled by `scale`, int8 K by its row scales too (and, with q8, by qmul less qcorr).
-FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t row, int TT, size_t head,
+FD_INLINE void rows_scores(const Seq *sq, const char *k, const uint16_t *ks, size_t row, int TT, size_t head,
                            int Hq, int Hkv, int NH, int D, int dt, float scale, float *restrict st, Pf *pf) {
     const int HG = tile_heads(TT, NH), G = Hq / Hkv;
     const uint64_t gm = div_magic(G);
@@ -206,7 +206,7 @@ FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t
             const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(t * HG), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
             __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_permutexvar_ps(hsum_lane(lanes), s), corr), mul);
             if (dt == FD_I8)  // a tile within one KV head (HG == NH) has one scale per row: a broadcast
-                x = _mm512_mul_ps(x, HG == NH ? _mm512_set1_ps(ks[(size_t)t * Hkv + div_g(h0, gm)]) : head_scales(ks, t, Hkv, h0, n, G));
+                x = _mm512_mul_ps(x, HG == NH ? _mm512_cvtph_ps(_mm256_set1_epi16((short)ks[(size_t)t * Hkv + div_g(h0, gm)])) : head_scales(ks, t, Hkv, h0, n, G));
             _mm512_mask_storeu_ps(st + (size_t)t * Hq + h0, keep, x);
         }
     }
@@ -217,7 +217,7 @@ FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t
 // converted once for the NH heads sharing it. Tried for GQA: 8 rows per tile with the weights
 // as broadcast memory operands (half the accumulator loads and stores): no faster (Llama-3-8b
 // in cache 1.02x, from memory 0.98x): with 4 query heads per KV head the FMAs bind.
-FD_INLINE void rows_accumulate(float *restrict acc, const float *restrict p, const char *v, const float *vs, size_t row,
+FD_INLINE void rows_accumulate(float *restrict acc, const float *restrict p, const char *v, const uint16_t *vs, size_t row,
                                int TT, size_t head, int Hq, int Hkv, int NH, int D, int dt, Pf *pf) {
     const uint64_t gm = div_magic(Hq / Hkv);
     for (int h = 0; h < Hq; h += NH) {
@@ -229,7 +229,7 @@ FD_INLINE void rows_accumulate(float *restrict acc, const float *restrict p, con
         for (int t = 0; t < TT; t++)
 #pragma GCC unroll 4
             for (int j = 0; j < NH; j++)
-                pj[t][j] = _mm512_set1_ps(p[(size_t)t * Hq + h + j] * (dt == FD_I8 ? vs[(size_t)t * Hkv + hk] : 1.0f));
+                pj[t][j] = _mm512_set1_ps(p[(size_t)t * Hq + h + j] * (dt == FD_I8 ? _cvtsh_ss(vs[(size_t)t * Hkv + hk]) : 1.0f));
         for (int i = 0; i < D; i += 16) {
             const __mmask16 m = mask_for(D - i);
             __m512 a[4];
@@ -267,7 +267,7 @@ FD_INLINE void d_order(__m512i *x0, __m512i *x1) {
 
 // w16 pairs for the block's first nb2 rows (nb2 even): wp[(t / 2) * Hq + h] holds w16[t] in its
 // low half and w16[t + 1] in its high half for head h; wq[h] = max_t w / 32767 turns sums back.
-FD_INLINE void block_weights_i16(const float *p, const float *vs, int nb2, int Hq, int Hkv, int G,
+FD_INLINE void block_weights_i16(const float *p, const uint16_t *vs, int nb2, int Hq, int Hkv, int G,
                                  uint32_t *restrict wp, float *restrict wq) {
     for (int h0 = 0; h0 < Hq; h0 += 16) {
         const __mmask16 k = mask_for(Hq - h0);

@@ -88,6 +88,27 @@ FD_INLINE float half_to_float(uint16_t h) {
     return f;
 }
 
+// float -> IEEE half, rounded to nearest even (as NumPy's astype(float16) and F16C's vcvtps2ph):
+// subnormals, overflow to inf and NaN included. For int8 rows' scales (attn_store.h).
+FD_INLINE uint16_t float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0));  // inf, NaN
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  // rounds past 65504: inf
+    if (ax < 0x38800000u) {  // below half's smallest normal: a subnormal (or 0), 2^-24 a step
+        if (ax < 0x33000000u) return (uint16_t)sign;  // at most half of 2^-24: rounds to 0 (ties to even)
+        const uint32_t e = ax >> 23, man = (ax & 0x7fffffu) | 0x800000u, shift = 126 - e;  // 14 .. 24
+        uint32_t h = man >> shift;
+        const uint32_t rest = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        h += rest > half || (rest == half && (h & 1u));
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((ax >> 13) - (112u << 10)), rest = ax & 0x1fffu;  // rebias the exponent, keep 10 bits
+    h += rest > 0x1000u || (rest == 0x1000u && (h & 1u));  // a carry into the exponent is right
+    return (uint16_t)(sign | h);
+}
+
 // bfloat16 is float32's top half: widening is a shift (narrowing, only on AVX512-BF16 builds, is
 // round_bf16 in attn_avx512.h).
 FD_INLINE float bf16_to_float(uint16_t b) {
@@ -111,15 +132,24 @@ FD_INLINE float kv_at(const void *p, int i, int dt) {
 FD_INLINE uint64_t div_magic(int G) { return ((1ULL << 32) + (uint64_t)G - 1) / (uint64_t)G; }
 FD_INLINE int div_g(int h, uint64_t m) { return (int)(((uint64_t)h * m) >> 32); }
 
-// The scales of an int8 tile's rows are [TT, Hkv] floats; head h of row t is scaled by this.
-FD_INLINE float kv_scale(const float *s, int t, int Hkv, int h, int G) { return s[(size_t)t * Hkv + h / G]; }
+// The scales of an int8 tile's rows are [TT, Hkv] float16s; head h of row t is scaled by this.
+FD_INLINE float kv_scale(const uint16_t *s, int t, int Hkv, int h, int G) { return half_to_float(s[(size_t)t * Hkv + h / G]); }
+
+// n halves -> floats: F16C's conversion where there is one (the same values), 8 at a time.
+FD_INLINE void halves_to_floats(const uint16_t *h, int n, float *f) {
+    int i = 0;
+#if defined(__F16C__) && (defined(__AVX2__) || defined(__AVX512F__))
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) f[i] = half_to_float(h[i]);
+}
 
 // What one work item reads of its sequence. q8, qmul, qcorr exist for int8 KV with VNNI only,
 // qb for bf16 KV with AVX512-BF16 only.
 typedef struct {
     const float *q;        // [Hq, D]
     const char *k, *v;     // [L, Hkv, D] fp32, fp16, int8 or bf16
-    const float *ks, *vs;  // [L, Hkv] scales of int8 K and V rows (NULL otherwise)
+    const uint16_t *ks, *vs;  // [L, Hkv] float16 scales of int8 K and V rows (NULL otherwise)
     const int8_t *q8;      // [Hq, D] q / qstep, rounded: qstep = max|q[h]| / 127 per head
     const float *qmul;     // [Hq] scale * qstep: turns an integer dot product into a score
     const float *qcorr;    // [Hq] 128 * sum(q8[h]): what K's +128 offset added to each sum

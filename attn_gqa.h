@@ -19,12 +19,12 @@ static int padded_group(int G) {
     return g;
 }
 
-int fd_decode_attention(const float *, const void *const *, const void *const *, const float *const *,
-                        const float *const *, const int64_t *, int, int, int, int, int, float, int, float *);
+int fd_decode_attention(const float *, const void *const *, const void *const *, const uint16_t *const *,
+                        const uint16_t *const *, const int64_t *, int, int, int, int, int, float, int, float *);
 
 // fd_decode_attention with each group of G query heads padded to Gp (see padded_group).
-static int attend_padded(const float *q, const void *const *k, const void *const *v, const float *const *ks,
-                         const float *const *vs, const int64_t *lens, int S, int Hq, int Hkv, int D, int kv_dtype,
+static int attend_padded(const float *q, const void *const *k, const void *const *v, const uint16_t *const *ks,
+                         const uint16_t *const *vs, const int64_t *lens, int S, int Hq, int Hkv, int D, int kv_dtype,
                          float scale, int nthreads, float *o, int Gp) {
     const int G = Hq / Hkv, Hp = Hkv * Gp;
     float *qp = calloc((size_t)S * Hp * D * 2, sizeof(float)), *op = qp + (size_t)S * Hp * D;  // [S, Hp, D] each

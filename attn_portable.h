@@ -79,7 +79,7 @@ FD_INLINE void axpy(float *acc, float p, const void *v, int D, int dt) {
 #endif
 
 // int8 rows are converted to float and the row's scale applied to the dot product (to p in V).
-FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t row, int TT, size_t head,
+FD_INLINE void rows_scores(const Seq *sq, const char *k, const uint16_t *ks, size_t row, int TT, size_t head,
                            int Hq, int Hkv, int NH, int D, int dt, float scale, float *st, Pf *pf) {
     const int G = Hq / Hkv;
     for (int t = 0; t < TT; t++)  // row by row; the tile's Hq / NH prefetch steps spread evenly
@@ -89,7 +89,7 @@ FD_INLINE void rows_scores(const Seq *sq, const char *k, const float *ks, size_t
             st[(size_t)t * Hq + h] = sc * dot(sq->q + (size_t)h * D, k + (size_t)t * row + (size_t)(h / G) * head, D, dt);
         }
 }
-FD_INLINE void rows_accumulate(float *acc, const float *p, const char *v, const float *vs, size_t row, int TT,
+FD_INLINE void rows_accumulate(float *acc, const float *p, const char *v, const uint16_t *vs, size_t row, int TT,
                                size_t head, int Hq, int Hkv, int NH, int D, int dt, Pf *pf) {
     const int G = Hq / Hkv;
     for (int t = 0; t < TT; t++)

@@ -1,6 +1,6 @@
 """bench_accuracy.py - what int8 KV costs in accuracy, on real text: `python bench.py kv-accuracy`.
 
-int8 KV (kvcache.py: one float32 scale per token and KV head) halves the bytes the R-Part reads
+int8 KV (kvcache.py: one float16 scale per token and KV head) halves the bytes the R-Part reads
 per token; its price is rounding. This measures the price end to end on one text, through the
 engine's own pieces (the S-Part's prefill, the two-micro-batch decode step, the R-Part in this
 process): the text is teacher-forced, once with float16 KV and once with int8 KV, and at every

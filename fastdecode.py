@@ -137,7 +137,7 @@ def parse_args(argv=None):
     a("--max-prefill-tokens", type=int, default=None,
       help=f"prompt tokens prefilled per step at most (default: from the perf model, else {DEFAULT_PREFILL_TOKENS})")
     a("--kv-dtype", default=None, choices=kvcache.KV_DTYPES,
-      help="KV-cache element type; int8: per-token, per-head float32 scales, half fp16's bytes; "
+      help="KV-cache element type; int8: per-token, per-head float16 scales, half fp16's bytes; "
            "bfloat16: fp16's bytes, half its arithmetic where the CPU has AVX512-BF16 (default: bfloat16 "
            "when the S-Part runs in bfloat16, else float16)")
     a("--kv-mem", default=kvcache.DEFAULT_KV_MEM, help="KV memory budget per worker")

@@ -77,7 +77,7 @@ EFF = {"matmul": 0.6, "gpu_mem": 0.8, "cpu_mem": 0.8}   # achieved fraction of t
 
 def kv_bytes_per_token(cfg, kv_dtype="float16"):
     """K and V of one token over all layers, as a worker's store counts them (llama-2-7b: fp16
-    2*32*32*128*2 = 512 KiB; int8 2*32*32*(128 + 4) = 264 KiB with its float32 scales)."""
+    2*32*32*128*2 = 512 KiB; int8 2*32*32*(128 + 2) = 260 KiB with its float16 scales)."""
     return kvcache.KVConfig(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_dtype).bytes_per_token
 
 

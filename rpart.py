@@ -136,10 +136,10 @@ def _check_kv(name, arrays, S, D):
 
 
 def _check_scales(name, scales, rows):
-    """int8 rows' scales: float32 [L_s, Hkv] per sequence, matching the rows; their pointers."""
+    """int8 rows' scales: float16 [L_s, Hkv] per sequence, matching the rows; their pointers."""
     def check(i, a):
-        if a.dtype != np.float32 or a.shape != rows[i].shape[:2]:
-            raise ValueError(f"{name}[{i}]: expected float32 {rows[i].shape[:2]} (one per token and KV head), "
+        if a.dtype != np.float16 or a.shape != rows[i].shape[:2]:
+            raise ValueError(f"{name}[{i}]: expected float16 {rows[i].shape[:2]} (one per token and KV head), "
                              f"got {a.dtype} {a.shape}")
     return _pointers(name, scales, len(rows), check)
 
@@ -148,7 +148,7 @@ def decode_attention(q, keys, values, *, key_scales=None, value_scales=None, sca
     """o[s,h] = softmax(scale * q[s,h] . K_s[:, g]^T) . V_s[:, g] with g = h // (Hq/Hkv).
 
     q: float32 [S, Hq, D]; keys, values: S C-contiguous arrays [L_s, Hkv, D], all float16, all
-    float32 or all int8. int8 rows need key_scales and value_scales: S float32 [L_s, Hkv] each,
+    float32 or all int8. int8 rows need key_scales and value_scales: S float16 [L_s, Hkv] each,
     K_s = key_scales[s][..., None] * keys[s] (and so for V). Returns float32 [S, Hq, D] (written
     into `out` when given). No copy of keys, values or scales is made.
     """

@@ -260,7 +260,7 @@ def parse_args(argv=None):
     a("--device", default=None, help="S-Part device (default: cuda if available, else cpu)")
     a("--dtype", default=None, help="S-Part dtype (default: fp16/bf16 on CUDA; on a CPU bf16 where it has bf16 instructions, else float32)")
     a("--kv-dtype", default=None, choices=kvcache.KV_DTYPES,
-      help="KV-cache element type; int8: per-token, per-head float32 scales, half fp16's bytes; "
+      help="KV-cache element type; int8: per-token, per-head float16 scales, half fp16's bytes; "
            "bfloat16: fp16's bytes, half its arithmetic where the CPU has AVX512-BF16 (default: bfloat16 "
            "when the S-Part runs in bfloat16, else float16)")
     a("--kv-mem", default=None, help="KV memory budget per worker (default: the engine's)")

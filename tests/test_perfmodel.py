@@ -11,7 +11,7 @@ L7 = spart.KNOWN["llama-2-7b"][1]
 def test_llama2_7b_holds_512_kib_of_fp16_kv_per_token():
     assert pm.kv_bytes_per_token(L7) == 512 * 1024
     assert pm.kv_bytes_per_token(spart.KNOWN["llama-3-8b"][1]) == 128 * 1024  # GQA: 8 KV heads
-    assert pm.kv_bytes_per_token(L7, "int8") == 2 * 32 * 32 * (128 + 4)        # 1 byte + 4 of scale per head
+    assert pm.kv_bytes_per_token(L7, "int8") == 2 * 32 * 32 * (128 + 2)        # 1 byte + 2 of scale per head
     assert pm.kv_bytes_per_token(L7, "float32") == 1024 * 1024
 
 
@@ -130,7 +130,7 @@ def test_host_step_by_hand():
 
 def test_host_step_int8_reads_its_bytes_at_the_slower_of_memory_and_in_cache_rates():
     cfg = spart.KNOWN["opt-125m"][1]
-    n, kv8 = cfg.n_layers, 8 * 100 * 2 * 12 * 12 * (64 + 4)
+    n, kv8 = cfg.n_layers, 8 * 100 * 2 * 12 * 12 * (64 + 2)
     old = pm.host_step(PROF, cfg, 8, 100, kv_dtype="int8")[1]["r"]          # a profile without int8: fp16's GB/s
     assert abs(old - (kv8 / 20e9 + n * 5e-5)) < 1e-12
     new = {**PROF, "kernel": {**PROF["kernel"], "int8": 16.0, "incache": {"float16": 30.0, "int8": 12.0}}}
@@ -150,7 +150,7 @@ def test_host_step_uses_the_rates_measured_on_the_models_own_heads():
     r16 = pm.host_step(prof, small, 8, 100)[1]["r"]                          # its own 10 GB/s, not the 20 of 32 heads
     assert abs(r16 - (kv16 / 10e9 + small.n_layers * 5e-5)) < 1e-12
     r8 = pm.host_step(prof, small, 8, 100, kv_dtype="int8")[1]["r"]          # its own in-cache 5 < 8 binds
-    assert abs(r8 - (8 * 100 * 2 * 12 * 12 * (64 + 4) / 5e9 + small.n_layers * 5e-5)) < 1e-12
+    assert abs(r8 - (8 * 100 * 2 * 12 * 12 * (64 + 2) / 5e9 + small.n_layers * 5e-5)) < 1e-12
     assert pm.host_step(prof, large, 8, 100)[1] == pm.host_step(PROF, large, 8, 100)[1]  # other heads: the default
 
 
