@@ -65,6 +65,7 @@ def main(argv=None):
     e.add_argument("--rounds", type=int, default=1, help="alternating rounds per contender after the first (best of all kept)")
     e.add_argument("--quick", action="store_true", help="prompt 128 only")
     e.add_argument("--no-real", action="store_true", help="skip the SmolLM2-135M rows (batch 1 vs weight read)")
+    e.add_argument("--only-real", action="store_true", help="only the SmolLM2-135M rows (and llama.cpp's, when installed)")
     e.add_argument("--json", action="store_true", help="put every row in the closing JSON line")
     m = sub.add_parser("model", help="the performance model's prediction vs measured throughput")
     m.add_argument("--gen-len", type=int, default=16, help="tokens generated per request")

