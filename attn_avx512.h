@@ -267,27 +267,42 @@ FD_INLINE void d_order(__m512i *x0, __m512i *x1) {
 
 // w16 pairs for the block's first nb2 rows (nb2 even): wp[(t / 2) * Hq + h] holds w16[t] in its
 // low half and w16[t + 1] in its high half for head h; wq[h] = max_t w / 32767 turns sums back.
-// p becomes w on the way (the first pass stores p * v_scale back, so the scales are read once).
+// Where a row of p is whole vectors (Hq % 16 == 0), p becomes w on the way: the first pass stores
+// p * v_scale back, so the scales are read and widened once (from memory, 1 thread: OPT-1.3b and
+// Llama-3-8b 1.07-1.08x; 2 threads 0.98x and 1.04x). With other head counts the rows share lines,
+// and loads after masked stores into the same lines stalled (SmolLM2's 9 heads: int8 over fp16
+// 1.27x -> 1.06-1.09x in `bench.py kernel`), so there the second pass multiplies again.
+FD_INLINE void pack_w16(uint32_t *restrict at, __mmask16 k, __m512 w0, __m512 w1, __m512 inv) {
+    const __m512i lo = _mm512_cvtps_epi32(_mm512_mul_ps(w0, inv)), hi = _mm512_cvtps_epi32(_mm512_mul_ps(w1, inv));
+    _mm512_mask_storeu_epi32(at, k, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+}
+
 FD_INLINE void block_weights_i16(float *p, const uint16_t *vs, int nb2, int Hq, int Hkv, int G,
                                  uint32_t *restrict wp, float *restrict wq) {
+    const int keep = Hq % 16 == 0;
     for (int h0 = 0; h0 < Hq; h0 += 16) {
         const __mmask16 k = mask_for(Hq - h0);
         const int n = Hq - h0 < 16 ? Hq - h0 : 16;
         __m512 mx = _mm512_setzero_ps();
-        for (int t = 0; t < nb2; t++) {
-            const __m512 w = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + (size_t)t * Hq + h0), head_scales(vs, t, Hkv, h0, n, G));
-            _mm512_mask_storeu_ps(p + (size_t)t * Hq + h0, k, w);
-            mx = _mm512_max_ps(mx, w);
-        }
+#define W_AT(t) _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + (size_t)(t) * Hq + h0), head_scales(vs, t, Hkv, h0, n, G))
+        if (keep)
+            for (int t = 0; t < nb2; t++) {
+                const __m512 w = W_AT(t);
+                _mm512_storeu_ps(p + (size_t)t * Hq + h0, w);
+                mx = _mm512_max_ps(mx, w);
+            }
+        else
+            for (int t = 0; t < nb2; t++) mx = _mm512_max_ps(mx, W_AT(t));
         const __mmask16 pos = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_GT_OQ);
         const __m512 inv = _mm512_maskz_div_ps(pos, _mm512_set1_ps(32767.0f), mx);  // 0 where every w is 0
         _mm512_mask_storeu_ps(wq + h0, k, _mm512_mul_ps(mx, _mm512_set1_ps(1.0f / 32767.0f)));
-        for (int t = 0; t < nb2; t += 2) {
-            const __m512 w0 = _mm512_maskz_loadu_ps(k, p + (size_t)t * Hq + h0);
-            const __m512 w1 = _mm512_maskz_loadu_ps(k, p + (size_t)(t + 1) * Hq + h0);
-            const __m512i lo = _mm512_cvtps_epi32(_mm512_mul_ps(w0, inv)), hi = _mm512_cvtps_epi32(_mm512_mul_ps(w1, inv));
-            _mm512_mask_storeu_epi32(wp + (size_t)(t / 2) * Hq + h0, k, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-        }
+        if (keep)
+            for (int t = 0; t < nb2; t += 2)
+                pack_w16(wp + (size_t)(t / 2) * Hq + h0, k, _mm512_loadu_ps(p + (size_t)t * Hq + h0),
+                         _mm512_loadu_ps(p + (size_t)(t + 1) * Hq + h0), inv);
+        else
+            for (int t = 0; t < nb2; t += 2) pack_w16(wp + (size_t)(t / 2) * Hq + h0, k, W_AT(t), W_AT(t + 1), inv);
+#undef W_AT
     }
 }
 
