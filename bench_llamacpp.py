@@ -13,6 +13,8 @@ sequence per step. Times are llama_decode's (synchronized); argmax runs outside 
 batch-1 step, inside them for the batch's decode rate, as the engine's figures count it.
 """
 import ctypes
+import dataclasses
+import functools
 import importlib.util
 import os
 import time
@@ -45,6 +47,15 @@ def requantized(src, dtype, cache_dir):
         raise RuntimeError(f"llama_model_quantize({src} -> {dtype}) returned {rc}")
     os.replace(tmp, out)
     return out
+
+
+@dataclasses.dataclass
+class Run:
+    """One generate() on llama.cpp."""
+    prefill_s: float             # the prompts' one batch
+    step_s: list                 # [gen - 1] llama_decode of each decode step
+    decode_s: float              # the decode loop's wall time, argmax included
+    tokens: list                 # [n prompts][gen] greedy tokens
 
 
 class Contender:
@@ -88,8 +99,7 @@ class Contender:
         return int(np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,)).argmax())
 
     def generate(self, prompts, gen):
-        """Greedy `gen` tokens for each prompt (all in one batch) -> (prefill s, [decode step s],
-        decode wall s, tokens per prompt)."""
+        """Greedy `gen` tokens for each prompt, all in one batch -> Run."""
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)  # a fresh KV-cache
         entries = [(t, p, s, p == len(pr) - 1) for s, pr in enumerate(prompts) for p, t in enumerate(pr)]
         prefill = self.decode(entries)
@@ -100,19 +110,19 @@ class Contender:
             steps.append(self.decode([(toks[s][-1], len(pr) + g - 1, s, True) for s, pr in enumerate(prompts)]))
             for s in range(len(prompts)):
                 toks[s].append(self.argmax(s))
-        return prefill, steps, time.perf_counter() - t0, toks
+        return Run(prefill, steps, time.perf_counter() - t0, toks)
 
 
-_LOG_CB = None
+@functools.cache
+def _ignore_log(lc):
+    """A log callback that drops llama.cpp's lines; made once and kept (cached) for as long as
+    llama.cpp may call it."""
+    return lc.llama_log_callback(lambda level, text, user: None)
 
 
 def quiet(lc):
-    """Drop llama.cpp's log lines (loading, quantizing): a callback that ignores them, kept
-    alive here for as long as llama.cpp may call it."""
-    global _LOG_CB
-    if _LOG_CB is None:
-        _LOG_CB = lc.llama_log_callback(lambda level, text, user: None)
-    lc.llama_log_set(_LOG_CB, None)
+    """Silence llama.cpp's logging (loading, quantizing)."""
+    lc.llama_log_set(_ignore_log(lc), None)
 
 
 def smollm2_rows(gguf, cache_dir, prompt, prompts16, dtype="bfloat16"):
@@ -123,7 +133,7 @@ def smollm2_rows(gguf, cache_dir, prompt, prompts16, dtype="bfloat16"):
     c = Contender(path, n_seq=1, n_ctx_seq=len(prompt) + 160, n_batch=512)
     try:
         c.generate([prompt], 8)                                   # warm up
-        _, steps, _, toks = c.generate([prompt], 128)
+        b1 = c.generate([prompt], 128)
     finally:
         c.close()
     P = max(len(p) for p in prompts16)
@@ -132,6 +142,6 @@ def smollm2_rows(gguf, cache_dir, prompt, prompts16, dtype="bfloat16"):
         runs = [c.generate(prompts16, 32) for _ in range(2)]      # the first pays new memory
     finally:
         c.close()
-    prefill, _, wall, _ = min(runs, key=lambda r: r[2])
-    return {"dtype": dtype, "step_ms_b1": 1e3 * float(np.median(steps)),
-            "decode_tok_s_b16": len(prompts16) * 31 / wall, "prefill_s_b16": prefill}, toks[0]
+    best = min(runs, key=lambda r: r.decode_s)
+    return {"dtype": dtype, "step_ms_b1": 1e3 * float(np.median(b1.step_s)),
+            "decode_tok_s_b16": len(prompts16) * 31 / best.decode_s, "prefill_s_b16": best.prefill_s}, b1.tokens[0]

@@ -130,7 +130,7 @@ def test_engine_and_llama_cpp_write_the_same_greedy_text(smollm2):
         ours = llm.generate([prompt], max_new_tokens=48, ignore_eos=True)[0].token_ids
     c = bench_llamacpp.Contender(path, n_seq=1, n_ctx_seq=len(prompt) + 64, n_batch=512)
     try:
-        theirs = c.generate([prompt], 48)[3][0]
+        theirs = c.generate([prompt], 48).tokens[0]
     finally:
         c.close()
     assert ours == theirs, llm.tokenizer.decode(ours) + " | " + llm.tokenizer.decode(theirs)
