@@ -21,11 +21,11 @@
 //   - AVX-512 or AVX2+F16C where the compiler targets them, plain C elsewhere.
 //
 // KV elements are fp32, fp16 or int8. int8 rows carry one float16 scale per (token, KV head)
-// beside them (x = scale * int8, symmetric, [L, Hkv] arrays): half of fp16's bytes, and 2 bytes
-// a head of scale rather than float32's 4 (OPT-1.3b from memory, A/B against float32 scales in
-// one process: 1.04-1.09x with one thread, 1.02-1.06x with two; Llama-3-8b 0.95-1.0x with one
-// thread, where each row's scale is a conversion more among the compute-bound tiles, 1.02-1.08x
-// with two). With
+// beside them (x = scale * int8, symmetric, [L, Hkv] arrays): half of fp16's bytes. A float16
+// scale is 2 bytes a head where float32's was 4: OPT-1.3b from memory 1.04-1.09x with one thread
+// (A/B against float32 scales in one process), 1.02-1.06x with two; Llama-3-8b, whose tiles are
+// compute-bound, 0.95-1.0x with one thread for the conversions, until the V pass widened each
+// scale once (block_weights_i16 in attn_avx512.h). With
 // AVX512-VNNI, q.k is an integer dot product: q is quantized per head to int8 once per call and
 // vpdpbusd multiplies 64 bytes of K by 64 of q in one instruction. vpdpbusd takes its first
 // operand unsigned, so K goes in as k + 128 (an xor with 0x80) and the surplus 128 * sum(q8) is
