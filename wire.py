@@ -32,7 +32,8 @@ import struct
 import ml_dtypes  # noqa: F401  (gives NumPy the "bfloat16" dtype that bfloat16 rows travel in)
 import numpy as np
 
-MAGIC, VERSION = b"FDR1", 2                 # 2: STATS_REPLY carries bytes_spare
+MAGIC, VERSION = b"FDR1", 3                 # 2: STATS_REPLY carries bytes_spare; 3: int8 stores hold float16 scales
+                                            # (a token takes 2 bytes a head less: engine and worker must agree)
 HEADER = struct.Struct("<4sBBHIQ")          # magic, version, type, reserved, meta len, payload len
 MAX_META = 64
 DEFAULT_MAX_FRAME = 256 * 2**20             # bytes of payload; prefill ships one layer per frame
