@@ -176,6 +176,7 @@ def smollm2_dir():
     return smollm2_module().checkpoint_dir()
 
 
+GEN_B1, GEN_B16 = 128, 32  # new tokens of the batch-1 and batch-16 workloads (both contenders)
 PARAGRAPH = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
              "combined movable metal type, oil-based ink and a wooden press adapted from those used for wine. "
              "Within fifty years, presses were running in more than two hundred cities across Europe, and")
@@ -198,13 +199,13 @@ def real_checkpoint(args):
         read_ms = weights / (read_gbs * 1e9) * 1e3
         prompt = llm.tokenizer.encode(PARAGRAPH * 2).ids[:64]
         llm.generate([prompt], max_new_tokens=8, ignore_eos=True)  # warm up
-        b1_tokens = llm.generate([prompt], max_new_tokens=128, ignore_eos=True)[0].token_ids
+        b1_tokens = llm.generate([prompt], max_new_tokens=GEN_B1, ignore_eos=True)[0].token_ids
         step = float(np.median(llm.stats.step_ms))
         llm.sched_cfg = dataclasses.replace(llm.sched_cfg, max_batch=16, policy="naive")
         llm.max_prefill_tokens = 16 * 128
         rng = np.random.default_rng(0)
         prompts = [rng.integers(4, llm.spart.cfg.vocab_size, 128).tolist() for _ in range(16)]
-        run = max((run_engine(llm, prompts, 32) for _ in range(2)), key=lambda r: r["decode_tok_s"])  # the first pays new memory
+        run = max((run_engine(llm, prompts, GEN_B16) for _ in range(2)), key=lambda r: r["decode_tok_s"])  # the first pays new memory
         out.update({"dtype": str(llm.spart.dtype).replace("torch.", ""), "weight_mb": weights / 1e6,
                     "read_ms": read_ms, "step_ms_b1": step, "step_over_read": step / read_ms,
                     "decode_tok_s_b16": run["decode_tok_s"], "prefill_s_b16": run["prefill_s"]})
@@ -224,7 +225,7 @@ def llama_cpp_contender(prompt, prompts, engine_tokens, eng):
         print("(llama-cpp-python is not installed: no llama.cpp rows)")
         return {}
     mod = smollm2_module()
-    r, toks = bench_llamacpp.smollm2_rows(mod.gguf_path(), mod.cache_root(), prompt, prompts, eng["dtype"])
+    r, toks = bench_llamacpp.smollm2_rows(mod.gguf_path(), mod.cache_root(), prompt, prompts, eng["dtype"], GEN_B1, GEN_B16)
     same = next((i for i, (a, b) in enumerate(zip(engine_tokens, toks)) if a != b), min(len(toks), len(engine_tokens)))
     r.update(step_over_read=r["step_ms_b1"] / eng["read_ms"], greedy_same_tokens=same,
              engine_step_over_llama_cpp=eng["step_ms_b1"] / r["step_ms_b1"],

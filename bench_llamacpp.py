@@ -1,7 +1,7 @@
 """bench_llamacpp.py - llama.cpp as a contender, on the same SmolLM2 weights (optional).
 
 What a CPU user would run instead of this engine is llama.cpp. When the Python binding
-(`llama-cpp-python`, which builds llama.cpp from source at install: ~15 minutes on 2 cores) is
+(`llama-cpp-python`, which builds llama.cpp from source at install: ~8 minutes on 2 cores here) is
 installed, `python bench.py e2e` adds it beside the engine's SmolLM2 rows: the same GGUF file
 the engine's checkpoint was converted from (tests/smollm2.py), requantized once by llama.cpp's
 own quantize call to the engine's dtype (bf16 here; the package ships Q4_1, and both sides
@@ -125,23 +125,23 @@ def quiet(lc):
     lc.llama_log_set(_ignore_log(lc), None)
 
 
-def smollm2_rows(gguf, cache_dir, prompt, prompts16, dtype="bfloat16"):
-    """The engine's SmolLM2 workloads on llama.cpp: the batch-1 decode step (prompt, 128 new
-    tokens) and batch-16 decode (prompts16, 32 new tokens). Returns the figures and the batch-1
-    tokens (to compare with the engine's greedy text)."""
+def smollm2_rows(gguf, cache_dir, prompt, prompts16, dtype, gen_b1, gen_b16):
+    """The engine's SmolLM2 workloads on llama.cpp: the batch-1 decode step (prompt, gen_b1 new
+    tokens) and batch-16 decode (prompts16, gen_b16 new tokens). Returns the figures and the
+    batch-1 tokens (to compare with the engine's greedy text)."""
     path = requantized(gguf, dtype, cache_dir)
-    c = Contender(path, n_seq=1, n_ctx_seq=len(prompt) + 160, n_batch=512)
+    c = Contender(path, n_seq=1, n_ctx_seq=len(prompt) + gen_b1 + 32, n_batch=512)
     try:
         c.generate([prompt], 8)                                   # warm up
-        b1 = c.generate([prompt], 128)
+        b1 = c.generate([prompt], gen_b1)
     finally:
         c.close()
     P = max(len(p) for p in prompts16)
-    c = Contender(path, n_seq=len(prompts16), n_ctx_seq=P + 64, n_batch=len(prompts16) * P)
+    c = Contender(path, n_seq=len(prompts16), n_ctx_seq=P + gen_b16 + 32, n_batch=len(prompts16) * P)
     try:
-        runs = [c.generate(prompts16, 32) for _ in range(2)]      # the first pays new memory
+        runs = [c.generate(prompts16, gen_b16) for _ in range(2)]  # the first pays new memory
     finally:
         c.close()
     best = min(runs, key=lambda r: r.decode_s)
     return {"dtype": dtype, "step_ms_b1": 1e3 * float(np.median(b1.step_s)),
-            "decode_tok_s_b16": len(prompts16) * 31 / best.decode_s, "prefill_s_b16": best.prefill_s}, b1.tokens[0]
+            "decode_tok_s_b16": len(prompts16) * len(best.step_s) / best.decode_s, "prefill_s_b16": best.prefill_s}, b1.tokens[0]
