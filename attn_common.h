@@ -61,6 +61,9 @@ enum { FD_F32 = 0, FD_F16 = 1, FD_I8 = 2, FD_BF16 = 3 };  // KV element types, a
 #endif
 #define MAX_D 256
 #define MIN_CHUNK 128 // tokens; smaller chunks cost more in merging than they win in balance
+// Below this many bytes of K and V a call runs on one thread: waking a sleeping OpenMP thread
+// costs 10-50 us, more than reading 256 KiB takes one core (~8 us at 30 GB/s). Batch-1 decode lives here.
+#define SMALL_CALL_BYTES (256 << 10)
 
 #define FD_INLINE static inline __attribute__((always_inline))
 

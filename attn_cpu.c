@@ -49,8 +49,9 @@
 // sequence, a third of each item's rows had been loaded cold (A/B on a 30-layer store, 1 thread:
 // 1.10-1.22x from memory for bf16, fp16 and int8; OPT-1.3b and Llama shapes 0.99-1.01x).
 
-// The same library writes an int8 store's rows (fd_store_int8, in attn_store.h): quantizing
-// float16 in C, at batch 16 with OPT-125m's heads a layer's write_batch takes 35 us, 122 in NumPy.
+// The same library writes a KV store's rows (attn_store.h): fd_store_int8 quantizes float16 in C
+// (at batch 16 with OPT-125m's heads a layer's write_batch takes 35 us, 122 in NumPy), and
+// fd_decode_step runs a worker's whole layer of a decode step: check, write the new rows, attend.
 
 // Legend: S sequences, Hq query heads, Hkv KV heads, G = Hq/Hkv, D head dim, L cached length.
 // Built by `make` into attn_cpu.so (with attn_common.h and one SIMD flavor: attn_avx512.h or
@@ -305,6 +306,8 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
         if (kv_dtype == FD_I8 && (!ks[s] || !vs[s])) return -2;
         total += lens[s];
     }
+    const int item = kv_dtype == FD_F32 ? 4 : kv_dtype == FD_I8 ? 1 : 2;  // bytes of one stored element
+    if (2 * total * Hkv * D * item < SMALL_CALL_BYTES) nthreads = 1;
     const int Gp = padded_group(Hq / Hkv);
     if (Gp != Hq / Hkv && (int64_t)Hkv * Gp <= 65535)
         return attend_padded(q, k, v, ks, vs, lens, S, Hq, Hkv, D, kv_dtype, scale, nthreads, o, Gp);
@@ -379,4 +382,4 @@ uint64_t fd_read_probe(const void *buf, size_t n, int nthreads) {
     return total;
 }
 
-#include "attn_store.h"  // fd_store_int8: an int8 store's rows quantized as they are written
+#include "attn_store.h"  // fd_store_int8 and fd_decode_step: writing a store's rows, and a whole decode step

@@ -33,6 +33,7 @@ from tracer import Tracer  # noqa: F401
 import backend  # noqa: E402
 import kvcache  # noqa: E402
 import perfmodel  # noqa: E402
+import wire  # noqa: E402
 import torch  # noqa: E402  (engine has set the OpenMP spin before torch loaded)
 
 # --- the CLI: a synthetic throughput workload, or completions ---
@@ -220,10 +221,7 @@ def run_workload(llm, args, prof):
 def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     wt = default_threads(args, device)
-    secret = None
-    if args.secret_file:
-        with open(args.secret_file, "rb") as f:
-            secret = f.read().strip()
+    secret = wire.read_secret(args.secret_file)
     tracer = Tracer() if args.trace else None
     prof = perfmodel.load_profile()
     hosts = args.worker_hosts.split(",") if args.worker_hosts else None

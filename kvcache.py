@@ -19,8 +19,10 @@ The scales count in the capacity accounting: 2 * (D + 2) bytes per token, head a
 Writes name their position (`write(seq, layer, pos, k, v)`), so a step that is retried after a
 worker failure overwrites instead of appending twice.
 
-The store knows nothing of sockets or kernels: the worker (rpart.py) writes into it and hands
-its views to the attention kernel. It imports nothing from this project.
+The store knows nothing of sockets or kernels: the worker (rpart.py) writes into it and attends
+over it. A decode step's layer goes through one C call (the kernel library's fd_decode_step) at
+the addresses `where` names, doing what write_batch does here and then attending. It imports
+nothing from this project.
 
 Legend: L cached length, Hkv KV heads, D head dim.
 """
@@ -112,13 +114,13 @@ class KVCache:
         """write_int8, when given, writes an int8 store's rows in place of NumPy (it quantizes
         bit for bit as quantize_int8 does): write_int8(k, v, where, pos, layer, n_layers) puts
         float16 rows k, v [n, Hkv, D] at positions pos[i] (int64) of layer in the blocks where[i]
-        (uint64 [n, 3]: self.where's block, scales, capacity). The kernel library has one
+        (uint64 [n, 4]: self.where's tuples). The kernel library has one
         (rpart.store_int8): NumPy's took 120-140 us a layer at batch 16 with OPT-125m's heads."""
         self.cfg, self.write_int8 = cfg, (write_int8 if cfg.quantized else None)
         self.blocks = {}    # seq id -> [2, n_layers, capacity, Hkv, D] of the KV dtype
         self.scales = {}    # seq id -> [2, n_layers, capacity, Hkv] float16 (int8 caches only)
         self.lengths = {}   # seq id -> int64 [n_layers]: rows written per layer
-        self.where = {}     # seq id -> (block address, scales address or 0, capacity): see addresses()
+        self.where = {}     # seq id -> addresses for C: (block, scales or 0, capacity, lengths)
         self.reserved = 0   # bytes promised to admitted sequences
         self.buffers = {}   # seq id -> the uint8 memory its block (and scales) are views of
         self.spare = []     # freed sequences' buffers, oldest first, kept for new ones (_buffer)
@@ -147,7 +149,8 @@ class KVCache:
         if c.quantized:
             self.scales[seq] = buf[at:at + sbytes].view(np.float16).reshape(shape[:4])
         self.lengths[seq] = np.zeros(c.n_layers, dtype=np.int64)
-        self.where[seq] = (self.blocks[seq].ctypes.data, self.scales[seq].ctypes.data if c.quantized else 0, capacity)
+        self.where[seq] = (self.blocks[seq].ctypes.data, self.scales[seq].ctypes.data if c.quantized else 0,
+                           capacity, self.lengths[seq].ctypes.data)
         self.reserved += capacity * c.bytes_per_token
 
     def free(self, seq):
@@ -187,8 +190,20 @@ class KVCache:
             raise KeyError(f"unknown sequence {seq}")
         return seq
 
+    def where_of(self, seqs):
+        """The sequences' where tuples as uint64 [S, 4], for C; each must exist."""
+        return np.array([self.where[self._check(s)] for s in seqs], dtype=np.uint64)
+
     def capacity(self, seq):
         return self.blocks[self._check(seq)].shape[2]
+
+    def check_position(self, seq, layer, pos):
+        """A row may be written at pos of layer when pos <= rows written (no holes) and pos < capacity."""
+        n, cap = self.lengths[self._check(seq)][layer], self.capacity(seq)
+        if not 0 <= pos <= n:
+            raise ValueError(f"sequence {seq} layer {layer}: position {pos} but {n} rows written")
+        if pos >= cap:
+            raise KVCacheFull(f"sequence {seq}: position {pos} exceeds capacity {cap}")
 
     def _store(self, seq, layer, rows, K, V):
         """K, V [n, Hkv, D] into `rows` (a slice or an index) of layer: as they are, or quantized."""
@@ -202,9 +217,8 @@ class KVCache:
 
     def _write_int8(self, layer, where, positions, k, v):
         """Rows k, v [n, Hkv, D] by write_int8, row i into the block where[i] (self.where's
-        tuples, [n, 3]) at positions[i]."""
+        tuples, [n, 4]) at positions[i]."""
         k, v = (np.ascontiguousarray(x, dtype=np.float16) for x in (k, v))
-        where = np.asarray(where, dtype=np.uint64)
         self.write_int8(k, v, where, np.asarray(positions, dtype=np.int64), layer, self.cfg.n_layers)
 
     def fill(self, seq, layer, K, V):
@@ -221,7 +235,7 @@ class KVCache:
         if self.write_int8 is None:
             self._store(seq, layer, slice(0, L), K, V)
         else:
-            self._write_int8(layer, np.tile(np.array(self.where[seq], dtype=np.uint64), (L, 1)), np.arange(L), K, V)
+            self._write_int8(layer, np.tile(self.where_of([seq]), (L, 1)), np.arange(L), K, V)
         self.lengths[seq][layer] = L
 
     def write(self, seq, layer, pos, k, v):
@@ -235,16 +249,12 @@ class KVCache:
         c = self.cfg
         if k.shape != (len(seqs), c.n_kv_heads, c.head_dim) or v.shape != k.shape:
             raise ValueError(f"k, v: expected [{len(seqs)}, {c.n_kv_heads}, {c.head_dim}], got {k.shape}, {v.shape}")
+        if not 0 <= layer < c.n_layers:
+            raise ValueError(f"layer {layer} out of range [0, {c.n_layers})")
         for s, pos in zip(seqs, positions):
-            block, n = self.blocks[self._check(s)], self.lengths[s]
-            if not 0 <= layer < block.shape[1]:
-                raise ValueError(f"layer {layer} out of range [0, {block.shape[1]})")
-            if not 0 <= pos <= n[layer]:
-                raise ValueError(f"sequence {s} layer {layer}: position {pos} but {n[layer]} rows written")
-            if pos >= block.shape[2]:
-                raise KVCacheFull(f"sequence {s}: position {pos} exceeds capacity {block.shape[2]}")
+            self.check_position(s, layer, pos)
         if self.write_int8 is not None:
-            self._write_int8(layer, [self.where[s] for s in seqs], positions, k, v)
+            self._write_int8(layer, self.where_of(seqs), positions, k, v)
         else:
             kv = np.stack((k, v), dtype=c.row_dtype)  # [2, S, Hkv, D]: one write a sequence, not two
             if c.quantized:
@@ -260,19 +270,6 @@ class KVCache:
         """K, V [length, Hkv, D] of layer: views into the block, no copy."""
         block = self.blocks[self._check(seq)]
         return block[0, layer, :length], block[1, layer, :length]
-
-    def addresses(self, layer, seqs):
-        """Where each sequence's rows of `layer` start, for a kernel that reads them in place:
-        (K, V, K scales, V scales), uint64 [S] each (the scales None unless int8). The same
-        memory as views() and scale_views(), without building 2 S arrays; seqs must exist."""
-        c = self.cfg
-        block, scales, cap = np.array([self.where[s] for s in seqs], dtype=np.uint64).T
-        row = np.uint64(c.n_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize)   # bytes of one token's row
-        k, v = (block + (np.uint64(i) * cap * row) for i in (layer, c.n_layers + layer))
-        if not c.quantized:
-            return k, v, None, None
-        srow = np.uint64(c.n_kv_heads * SCALE_BYTES)
-        return k, v, *(scales + np.uint64(i) * cap * srow for i in (layer, c.n_layers + layer))
 
     def scale_views(self, seq, layer, length):
         """An int8 cache's K and V scales [length, Hkv] float16 of layer: views, no copy."""

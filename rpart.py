@@ -66,11 +66,10 @@ def load_kernel():
             if stale:
                 _build()
         lib = ctypes.CDLL(path)
-        P = ctypes.c_void_p
-        I = ctypes.c_int
-        lib.fd_decode_attention.argtypes = [P, P, P, P, P, P, I, I, I, I, I, ctypes.c_float, I, P]
-        lib.fd_decode_attention.restype = I
+        P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        lib.fd_decode_attention.argtypes, lib.fd_decode_attention.restype = [P] * 6 + [I] * 5 + [F, I, P], I
         lib.fd_store_int8.argtypes, lib.fd_store_int8.restype = [P, P, I, I, I, P, P, I, I], I
+        lib.fd_decode_step.argtypes, lib.fd_decode_step.restype = [P] * 5 + [I] * 7 + [F, I, P, P], I
         lib.fd_read_probe.argtypes, lib.fd_read_probe.restype = [P, ctypes.c_size_t, ctypes.c_int], ctypes.c_uint64
         lib.fd_simd.argtypes, lib.fd_simd.restype = [], ctypes.c_char_p
         lib.fd_max_threads.argtypes, lib.fd_max_threads.restype = [], ctypes.c_int
@@ -86,9 +85,6 @@ def kernel_info():  # {'simd': 'avx512+vnni' | 'avx512' | 'avx2+f16c' | 'scalar'
 # --- decode attention ---
 
 _KERNEL_ERRORS = {-1: "bad dimensions", -2: "bad sequence length or pointer", -3: "out of memory"}
-# Below this much KV a call runs on one thread: waking a sleeping OpenMP thread costs 10-50 us,
-# more than reading 256 KiB takes one core (~8 us at 30 GB/s). Decode at batch 1 lives here.
-SMALL_CALL_BYTES = 256 * 2**10
 
 
 def _ptr(a):
@@ -170,21 +166,12 @@ def decode_attention(q, keys, values, *, key_scales=None, value_scales=None, sca
         ksp, vsp = _check_scales("key_scales", key_scales, keys), _check_scales("value_scales", value_scales, values)
     elif key_scales is not None or value_scales is not None:
         raise ValueError(f"key_scales: only int8 keys and values have scales, these are {kdt}")
-    if out is not None and (out.shape != (S, Hq, D) or out.dtype != np.float32 or not out.flags.c_contiguous):
-        raise ValueError(f"out: expected C-contiguous float32 {(S, Hq, D)}, got {out.dtype} {out.shape}")
-    return _run_kernel(q, kp, vp, ksp, vsp, klen, hkv, kdt, scale, num_threads, out)
-
-
-def _run_kernel(q, kp, vp, ksp, vsp, lengths, hkv, kdt, scale, num_threads, out):
-    """fd_decode_attention on checked arguments: q float32 C-contiguous [S, Hq, D]; kp, vp
-    (ksp, vsp for int8, else None) uint64 [S] addresses of rows of dtype kdt; lengths int64 [S]."""
-    S, Hq, D = q.shape
     out = np.empty((S, Hq, D), dtype=np.float32) if out is None else out
-    if 2 * int(lengths.sum()) * hkv * D * kdt.itemsize < SMALL_CALL_BYTES:
-        num_threads = 1
+    if out.shape != (S, Hq, D) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected C-contiguous float32 {(S, Hq, D)}, got {out.dtype} {out.shape}")
     rc = load_kernel().fd_decode_attention(
         _ptr(q), _ptr(kp), _ptr(vp), None if ksp is None else _ptr(ksp), None if vsp is None else _ptr(vsp),
-        _ptr(lengths), S, Hq, hkv, D, KERNEL_DTYPES[kdt], float(1.0 / np.sqrt(D) if scale is None else scale),
+        _ptr(klen), S, Hq, hkv, D, KERNEL_DTYPES[kdt], float(1.0 / np.sqrt(D) if scale is None else scale),
         int(num_threads or 0), _ptr(out))
     if rc != 0:
         raise RuntimeError(f"fd_decode_attention: {_KERNEL_ERRORS.get(rc, rc)}")
@@ -215,23 +202,37 @@ def reference_attention(q, keys, values, *, key_scales=None, value_scales=None, 
 
 def store_int8(k, v, where, pos, layer, n_layers):
     """An int8 KV store's writer (kvcache.KVCache(write_int8=)): float16 rows k, v [n, Hkv, D],
-    row i quantized to position pos[i] (int64) of layer in the block where[i] (uint64 [n, 3])."""
+    row i quantized to position pos[i] (int64) of layer in the block where[i] (uint64 [n, 4])."""
     if rc := load_kernel().fd_store_int8(_ptr(k), _ptr(v), *k.shape, _ptr(where), _ptr(pos), layer, n_layers):
         raise RuntimeError(f"fd_store_int8: {_KERNEL_ERRORS.get(rc, rc)}")
 
 
 def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
-    """Write each sequence's new k, v [Hkv, D] at its position of `layer` (the store checks every
-    sequence before it writes any, and quantizes for an int8 cache), then attend over rows
-    [0, position] where the store says they are (cache.addresses: no per-array checks, which
-    were most of a batch-16 call). q [S, Hq, D] -> o [S, Hq, D] float32."""
-    c, q = cache.cfg, np.ascontiguousarray(q, dtype=np.float32)
-    if q.ndim != 3 or q.shape[0] != len(seqs) or q.shape[2] != c.head_dim or q.shape[1] % c.n_kv_heads:
-        raise ValueError(f"q: expected float32 [{len(seqs)}, k * {c.n_kv_heads}, {c.head_dim}], got {q.shape}")
-    cache.write_batch(layer, seqs, [int(p) for p in positions], k, v)
-    lengths = np.asarray(positions, dtype=np.int64) + 1
-    kdt = np.dtype(c.dtype)
-    return _run_kernel(q, *cache.addresses(layer, seqs), lengths, c.n_kv_heads, kdt, None, num_threads, None)
+    """One layer of a decode step on a KV store in one C call (fd_decode_step): every sequence is
+    checked first, so a bad request changes nothing; each new k, v [Hkv, D] is written at its
+    position of `layer` (quantized for int8), then attended over rows [0, position]. That is
+    cache.write_batch, then decode_attention on the views (the tests hold it to both), without a
+    Python loop over the sequences. q [S, Hq, D] -> o [S, Hq, D] float32."""
+    c, S = cache.cfg, len(seqs)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    k, v = (np.ascontiguousarray(x, dtype=c.row_dtype) for x in (k, v))
+    if q.ndim != 3 or q.shape[0] != S or q.shape[2] != c.head_dim or q.shape[1] % c.n_kv_heads:
+        raise ValueError(f"q: expected float32 [{S}, k * {c.n_kv_heads}, {c.head_dim}], got {q.shape}")
+    if k.shape != (S, c.n_kv_heads, c.head_dim) or v.shape != k.shape:
+        raise ValueError(f"k, v: expected [{S}, {c.n_kv_heads}, {c.head_dim}], got {k.shape}, {v.shape}")
+    if not 0 <= layer < c.n_layers:
+        raise ValueError(f"layer {layer} out of range [0, {c.n_layers})")
+    where, pos, bad = cache.where_of(seqs), np.asarray(positions, dtype=np.int64), np.zeros(1, np.int64)
+    out = np.empty(q.shape, dtype=np.float32)
+    rc = load_kernel().fd_decode_step(
+        _ptr(q), _ptr(k), _ptr(v), _ptr(where), _ptr(pos), S, q.shape[1], c.n_kv_heads, c.head_dim,
+        KERNEL_DTYPES[np.dtype(c.dtype)], layer, c.n_layers, float(1.0 / np.sqrt(c.head_dim)),
+        int(num_threads or 0), _ptr(out), _ptr(bad))
+    if rc in (-4, -5):   # a hole or past capacity: the store says which, in its own words
+        cache.check_position(seqs[bad[0]], layer, int(pos[bad[0]]))
+    if rc != 0:
+        raise RuntimeError(f"fd_decode_step: {_KERNEL_ERRORS.get(rc, rc)}")
+    return out
 
 
 # --- the worker ---
@@ -290,7 +291,7 @@ class Worker:
         if len(set(ids.tolist())) != S:
             raise ValueError("duplicate sequence ids in one decode call")
         t = time.perf_counter_ns()
-        o = attend_step(self.cache, layer, ids.tolist(), pos.tolist(), q, k, v, num_threads=self.threads)
+        o = attend_step(self.cache, layer, ids.tolist(), pos, q, k, v, num_threads=self.threads)
         return wire.OUT, (S, time.perf_counter_ns() - t), (o,)
 
     def drop(self, meta, payload):
@@ -369,10 +370,7 @@ def setup(a):
         raise ValueError(f"--kv-mem {a.kv_mem} exceeds this machine's memory ({total / 2**30:.1f} GiB)")
     if a.threads is not None and a.threads < 1:
         raise ValueError(f"--threads {a.threads}: must be >= 1")
-    secret = None
-    if a.secret_file:
-        with open(a.secret_file, "rb") as f:
-            secret = f.read().strip()
+    secret = wire.read_secret(a.secret_file)
     wire.check_bind(host, secret)
     load_kernel()
     try:

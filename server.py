@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 import kvcache
 import protocol
+import wire
 from protocol import APIError
 from serving import EngineLoop, Flight, Metrics
 
@@ -291,10 +292,7 @@ def serve(args):
 
     import fastdecode
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    secret = None
-    if args.secret_file:
-        with open(args.secret_file, "rb") as f:
-            secret = f.read().strip()
+    secret = wire.read_secret(args.secret_file)
     optional = {k: v for k, v in (("kv_mem", args.kv_mem), ("max_prefill_tokens", args.max_prefill_tokens)) if v}
     with fastdecode.LLM(args.model, workers=args.workers, device=args.device, dtype=args.dtype,
                         worker_hosts=args.worker_hosts.split(",") if args.worker_hosts else None,

@@ -163,6 +163,18 @@ def check_bind(host, secret):
                          "workers beyond loopback require a shared secret")
 
 
+def read_secret(path):
+    """The shared secret in the file at `path` (--secret-file; whitespace around it dropped), or
+    None when no file is named. Raises OSError if it cannot be read, ValueError if it is empty."""
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        secret = f.read().strip()
+    if not secret:
+        raise ValueError(f"secret file {path} is empty")
+    return secret
+
+
 def challenge(sock, reader, secret):
     """Worker side: send HELLO, check the AUTH answer. -> True when the peer may go on (an
     ERROR frame has been sent when not)."""

@@ -36,40 +36,57 @@ def test_tokens_through_workers_equal_in_process(checkpoint, workers, pipeline):
     assert got == want
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
-def test_attend_step_reads_the_rows_the_store_addresses(dtype):
-    """attend_step hands the kernel the store's addresses (kvcache.addresses) instead of views it
-    checks one by one: they must be the views' addresses, and the result decode_attention's on those
-    views, for every layer, ragged lengths and int8 scales included."""
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16", "int8"])
+def test_attend_step_is_write_batch_then_the_kernel_on_views(dtype):
+    """attend_step's one C call (fd_decode_step) against the long way on a twin store: NumPy's
+    write_batch (its own int8 rounding), then decode_attention on views it checks one by one. The
+    stores must end up the same bit for bit (rows, scales, rows written) and the outputs equal, for
+    every layer, ragged lengths included; then bad steps fail as write_batch's do and change nothing."""
     cfg = kvcache.KVConfig(3, 2, 16, dtype, 2**22)
-    cache, rng = kvcache.KVCache(cfg), np.random.default_rng(1)
+    fused, slow, rng = kvcache.KVCache(cfg, write_int8=rpart.store_int8), kvcache.KVCache(cfg), np.random.default_rng(1)
     lens = {4: 5, 9: 1, 2: 12}
     for s, L in lens.items():
-        cache.allocate(s, L + 3)
         for layer in range(3):
             K, V = (rng.standard_normal((L, 2, 16)).astype(cfg.row_dtype) for _ in "KV")
-            cache.fill(s, layer, K, V)
+            for c in (fused, slow):
+                if layer == 0:
+                    c.allocate(s, L + 3)
+                c.fill(s, layer, K, V)
     seqs = list(lens)
     for layer in range(3):
         k, v = (rng.standard_normal((3, 2, 16)).astype(cfg.row_dtype) for _ in "kv")
         q = rng.standard_normal((3, 6, 16)).astype(np.float32)
-        got = rpart.attend_step(cache, layer, seqs, [lens[s] for s in seqs], q, k, v)
-        views = [cache.views(s, layer, lens[s] + 1) for s in seqs]
-        kp, vp, ksp, vsp = cache.addresses(layer, seqs)
-        assert kp.tolist() == [rpart._ptr(a) for a, _ in views] and vp.tolist() == [rpart._ptr(b) for _, b in views]
+        got = rpart.attend_step(fused, layer, seqs, [lens[s] for s in seqs], q, k, v)
+        slow.write_batch(layer, seqs, [lens[s] for s in seqs], k, v)
+        views = [slow.views(s, layer, lens[s] + 1) for s in seqs]
         scales = {}
         if dtype == "int8":
-            sv = [cache.scale_views(s, layer, lens[s] + 1) for s in seqs]
-            assert ksp.tolist() == [rpart._ptr(a) for a, _ in sv] and vsp.tolist() == [rpart._ptr(b) for _, b in sv]
+            sv = [slow.scale_views(s, layer, lens[s] + 1) for s in seqs]
             scales = {"key_scales": [a for a, _ in sv], "value_scales": [b for _, b in sv]}
-        else:
-            assert ksp is None and vsp is None
-        want = rpart.decode_attention(q, [a for a, _ in views], [b for _, b in views], **scales)
-        assert np.array_equal(got, want)
-    with pytest.raises(ValueError, match="q: expected"):
-        rpart.attend_step(cache, 0, seqs, [lens[s] for s in seqs], q[:, :, :8], k, v)   # wrong head dim
-    with pytest.raises(KeyError, match="unknown sequence 5"):
-        rpart.attend_step(cache, 0, [4, 5, 2], [6, 0, 13], q, k, v)
+        assert np.array_equal(got, rpart.decode_attention(q, [a for a, _ in views], [b for _, b in views], **scales))
+    for s in seqs:                               # the rows written (the rest is memory never written)
+        assert np.array_equal(fused.lengths[s], slow.lengths[s])
+        for layer, n in enumerate(slow.lengths[s]):
+            for kv in (0, 1):
+                assert np.array_equal(fused.blocks[s][kv, layer, :n].view(np.uint8),
+                                      slow.blocks[s][kv, layer, :n].view(np.uint8)), f"sequence {s}: rows differ"
+                if dtype == "int8":
+                    assert np.array_equal(fused.scales[s][kv, layer, :n].view(np.uint16),
+                                          slow.scales[s][kv, layer, :n].view(np.uint16))
+    fused.allocate(7, 4)                          # full: 4 rows of 4
+    fused.fill(7, 0, *(rng.standard_normal((2, 4, 2, 16)).astype(cfg.row_dtype)))
+    before = {s: fused.blocks[s].view(np.uint8).copy() for s in seqs}   # as bytes: unwritten memory may hold NaNs
+    bad_steps = [(ValueError, "q: expected", 0, seqs, [6, 2, 13], q[:, :, :8], k),       # wrong head dim
+                 (ValueError, "k, v: expected", 0, seqs, [6, 2, 13], q, k[:2]),
+                 (ValueError, "layer 3 out of range", 3, seqs, [6, 2, 13], q, k),
+                 (KeyError, "unknown sequence 5", 0, [4, 5, 2], [6, 0, 13], q, k),
+                 (ValueError, "sequence 9 layer 1: position 3 but 2 rows written", 1, seqs, [6, 3, 13], q, k),  # a hole
+                 (kvcache.KVCacheFull, "sequence 7: position 4 exceeds capacity 4", 0, [4, 7], [6, 4], q[:2], k[:2])]
+    for exc, match, layer, ids, pos, q_, k_ in bad_steps:
+        with pytest.raises(exc, match=match):
+            rpart.attend_step(fused, layer, ids, pos, q_, k_, k_)
+    assert all(np.array_equal(fused.blocks[s].view(np.uint8), before[s]) for s in seqs), "a bad step wrote rows"
+    assert all(np.array_equal(fused.lengths[s], slow.lengths[s]) for s in seqs), "a bad step moved a length"
 
 
 def test_freed_memory_is_reused_within_the_budget():
@@ -230,6 +247,16 @@ def test_listening_beyond_loopback_without_secret_is_refused():
     p = run_worker_cli("--listen", "0.0.0.0:0")
     out, err = p.communicate(timeout=60)
     assert p.returncode != 0 and "shared secret" in err
+
+
+def test_an_empty_or_missing_secret_file_is_refused(tmp_path):
+    """An empty file would be a secret anyone knows; a missing one a typo. Both stop the worker
+    with the file named, before it listens."""
+    (tmp_path / "empty").write_text("  \n")
+    for path, says in ((tmp_path / "empty", "is empty"), (tmp_path / "missing", "No such file")):
+        p = run_worker_cli("--listen", "0.0.0.0:0", "--secret-file", str(path))
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 2 and says in err and str(path) in err, err
 
 
 def test_wrong_secret_is_refused_right_one_works(tmp_path):
