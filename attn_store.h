@@ -59,12 +59,13 @@ int fd_store_int8(const uint16_t *k, const uint16_t *v, int n, int Hkv, int D, c
 // past its capacity -5, with *bad = s. Then sequence s's new rows k[s], v[s] [Hkv, D] (the
 // store's dtype; float16 for int8, quantized here) go to row pos[s] of layer, its rows written
 // become pos[s] + 1, and the kernel attends over rows [0, pos[s]]: o [S, Hq, D]. Other codes as
-// fd_decode_attention's.
-int fd_decode_step(const float *q, const void *k, const void *v, const uint64_t *where, const int64_t *pos,
-                   int S, int Hq, int Hkv, int D, int kv_dtype, int layer, int n_layers, float scale,
-                   int nthreads, float *o, int64_t *bad) {
+// fd_decode_attention's. q arrives in the S-Part's own dtype (q_dtype: FD_F32, FD_F16 or FD_BF16:
+// it left the S-Part without a float32 round trip) and is widened here, exactly.
+int fd_decode_step(const void *q, int q_dtype, const void *k, const void *v, const uint64_t *where,
+                   const int64_t *pos, int S, int Hq, int Hkv, int D, int kv_dtype, int layer, int n_layers,
+                   float scale, int nthreads, float *o, int64_t *bad) {
     if (S < 1 || Hq < 1 || Hkv < 1 || Hq % Hkv || D < 8 || D % 8 || D > MAX_D || layer < 0 || layer >= n_layers ||
-        kv_dtype < FD_F32 || kv_dtype > FD_BF16)
+        kv_dtype < FD_F32 || kv_dtype > FD_BF16 || (q_dtype != FD_F32 && q_dtype != FD_F16 && q_dtype != FD_BF16))
         return -1;
     const int i8 = kv_dtype == FD_I8;
     for (int s = 0; s < S; s++) {
@@ -76,11 +77,15 @@ int fd_decode_step(const float *q, const void *k, const void *v, const uint64_t 
     }
     const size_t row = (size_t)Hkv * D, item = kv_dtype == FD_F32 ? 4 : i8 ? 1 : 2;  // a token's elements; bytes of one
     const size_t in_item = i8 ? 2 : item;                                             // bytes of one in k and v
-    void *mem = malloc((size_t)S * (4 * sizeof(void *) + sizeof(int64_t)));
+    const size_t nq = q_dtype == FD_F32 ? 0 : (size_t)S * Hq * D;  // q's elements to widen, if any
+    void *mem = malloc((size_t)S * (4 * sizeof(void *) + sizeof(int64_t)) + nq * sizeof(float));
     if (!mem) return -3;
     const void **kp = mem, **vp = kp + S;
     const uint16_t **ksp = (const uint16_t **)(vp + S), **vsp = ksp + S;
     int64_t *lens = (int64_t *)(vsp + S);
+    float *qw = (float *)(lens + S);  // [S, Hq, D] q widened, when it came as float16 or bf16
+    for (size_t i = 0; i < nq; i++) qw[i] = kv_at((const uint16_t *)q + i, 0, q_dtype);
+    const float *qf = nq ? qw : (const float *)q;
     for (int s = 0; s < S; s++) {
         const uint64_t *w = where + 4 * (size_t)s;
         char *block = (char *)(uintptr_t)w[0];
@@ -98,7 +103,7 @@ int fd_decode_step(const float *q, const void *k, const void *v, const uint64_t 
         }
         lens[s] = ((int64_t *)(uintptr_t)w[3])[layer] = pos[s] + 1;
     }
-    const int rc = fd_decode_attention(q, kp, vp, i8 ? ksp : NULL, i8 ? vsp : NULL, lens, S, Hq, Hkv, D, kv_dtype,
+    const int rc = fd_decode_attention(qf, kp, vp, i8 ? ksp : NULL, i8 ? vsp : NULL, lens, S, Hq, Hkv, D, kv_dtype,
                                        scale, nthreads, o);
     free(mem);
     return rc;

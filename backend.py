@@ -134,7 +134,8 @@ class LocalBackend:
 class RemoteBackend:
     """The R-Part on workers: started here (n_local) or already running (hosts "h:p")."""
 
-    def __init__(self, kv_cfg, n_heads, *, n_local=1, hosts=None, threads=None, secret=None, timeout=60.0):
+    def __init__(self, kv_cfg, n_heads, *, q_dtype="float32", n_local=1, hosts=None, threads=None, secret=None,
+                 timeout=60.0):
         self.kv_cfg, self.n_heads, self.procs, self.clients = kv_cfg, n_heads, [], []
         self.r_busy = 0.0          # kernel seconds, summed over workers
         self.free = []             # per worker: KV bytes not yet promised to a sequence
@@ -149,7 +150,7 @@ class RemoteBackend:
             for w, (host, port) in enumerate(addrs):
                 c = WorkerClient(host, port, secret=secret, timeout=timeout)
                 self.clients.append(c)
-                c.configure(kv_cfg, n_heads)
+                c.configure(kv_cfg, n_heads, q_dtype)
                 st = c.stats()
                 self.free.append(st["bytes_free"])
                 self.budget.append(st["bytes_free"] + st["bytes_reserved"])

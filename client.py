@@ -64,9 +64,10 @@ class WorkerClient:
         wire.send_frame(self.sock, mtype, meta, payload)
         return self._reply(expect)
 
-    def configure(self, kv_cfg, n_heads):
+    def configure(self, kv_cfg, n_heads, q_dtype="float32"):
+        """The model's shape and the store's dtype; q_dtype is what DECODE's q arrives in."""
         self.call(wire.CONFIGURE, (kv_cfg.n_layers, kv_cfg.n_kv_heads, n_heads, kv_cfg.head_dim,
-                                   wire.KV_CODES[kv_cfg.dtype]))
+                                   wire.KV_CODES[kv_cfg.dtype], wire.KV_CODES[q_dtype]))
 
     def add(self, seq, capacity):
         self.call(wire.ADD, (seq, capacity))

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import kvcache  # noqa: E402
 import scheduler as sched  # noqa: E402
 import spart as spart_mod  # noqa: E402
-from pipeline import DecodeStep, StepStats, to_host  # noqa: E402
+from pipeline import DecodeStep, StepStats, q_dtype, to_host  # noqa: E402
 from sampling import SamplingParams, TextStream, sample_each  # noqa: E402
 
 # --- requests ---
@@ -124,8 +124,8 @@ class LLM:
         batch = {"max_batch": max_batch} if max_batch else {}
         self.scheduler = sched.Scheduler(sched.SchedulerConfig(policy=schedule, kv_cap=kv_cap, **batch))
         if worker_hosts or workers:
-            self.backend = backend.RemoteBackend(self.kv_cfg, c.n_heads, n_local=0 if worker_hosts else workers,
-                                                 hosts=worker_hosts, threads=worker_threads, secret=secret)
+            self.backend = backend.RemoteBackend(self.kv_cfg, c.n_heads, q_dtype=q_dtype(self.spart), hosts=worker_hosts,
+                                                 n_local=0 if worker_hosts else workers, threads=worker_threads, secret=secret)
         else:
             self.backend = backend.LocalBackend(self.kv_cfg, worker_threads)
         self.decode_step = DecodeStep(self.spart, self.backend, self.kv_cfg.row_dtype, StepStats(), trace)

@@ -68,19 +68,25 @@ def to_host(x, dtype):
     return x.to("cpu", getattr(torch, dt.name)).numpy()
 
 
+def q_dtype(spart):
+    """The dtype q goes to the R-Part in: the S-Part's own (float32, bfloat16 or float16), which
+    the kernel widens exactly; a float32 copy would be a round trip that doubles its bytes."""
+    return str(spart.dtype).removeprefix("torch.")
+
+
 class DecodeStep:
     """Runs decode steps of `spart` against the R-Part `backend`, adding up `stats` (a StepStats,
     which the engine may replace between runs); `tracer` may be None. k and v go to the R-Part
-    as `row_dtype` (kvcache.KVConfig.row_dtype)."""
+    as `row_dtype` (kvcache.KVConfig.row_dtype), q as `q_dtype(spart)`."""
 
     def __init__(self, spart, backend, row_dtype, stats, tracer=None):
-        self.spart, self.backend, self.row_dtype = spart, backend, row_dtype
+        self.spart, self.backend, self.row_dtype, self.q_dtype = spart, backend, row_dtype, q_dtype(spart)
         self.stats, self.tracer = stats, tracer
 
     def _submit(self, layer, mb):
         """pre_attn on the device, then hand q, k, v to the R-Part; returns without waiting."""
         q, k, v = self.spart.pre_attn(layer, mb.h, mb.rot)              # [S, Hq, D], [S, Hkv, D] x2
-        mb.pending = self.backend.submit(layer, mb.seq_ids, mb.positions, to_host(q, np.float32),
+        mb.pending = self.backend.submit(layer, mb.seq_ids, mb.positions, to_host(q, self.q_dtype),
                                          to_host(k, self.row_dtype), to_host(v, self.row_dtype))
         if self.tracer:
             self.tracer.r_begin(mb.name, layer)

@@ -69,7 +69,7 @@ def load_kernel():
         P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         lib.fd_decode_attention.argtypes, lib.fd_decode_attention.restype = [P] * 6 + [I] * 5 + [F, I, P], I
         lib.fd_store_int8.argtypes, lib.fd_store_int8.restype = [P, P, I, I, I, P, P, I, I], I
-        lib.fd_decode_step.argtypes, lib.fd_decode_step.restype = [P] * 5 + [I] * 7 + [F, I, P, P], I
+        lib.fd_decode_step.argtypes, lib.fd_decode_step.restype = [P, I] + [P] * 4 + [I] * 7 + [F, I, P, P], I
         lib.fd_read_probe.argtypes, lib.fd_read_probe.restype = [P, ctypes.c_size_t, ctypes.c_int], ctypes.c_uint64
         lib.fd_simd.argtypes, lib.fd_simd.restype = [], ctypes.c_char_p
         lib.fd_max_threads.argtypes, lib.fd_max_threads.restype = [], ctypes.c_int
@@ -93,6 +93,7 @@ def _ptr(a):
 
 
 KERNEL_DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.int8): 2, kvcache.BFLOAT16: 3}  # attn_cpu.c's
+Q_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), kvcache.BFLOAT16)   # what attend_step's q may come in
 
 
 def _pointers(name, arrays, S, check):
@@ -212,12 +213,13 @@ def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
     checked first, so a bad request changes nothing; each new k, v [Hkv, D] is written at its
     position of `layer` (quantized for int8), then attended over rows [0, position]. That is
     cache.write_batch, then decode_attention on the views (the tests hold it to both), without a
-    Python loop over the sequences. q [S, Hq, D] -> o [S, Hq, D] float32."""
+    Python loop over the sequences. q [S, Hq, D] float32, bfloat16 or float16 (the S-Part's dtype,
+    widened in C) -> o [S, Hq, D] float32."""
     c, S = cache.cfg, len(seqs)
-    q = np.ascontiguousarray(q, dtype=np.float32)
+    q = np.ascontiguousarray(q if getattr(q, "dtype", None) in Q_DTYPES else np.asarray(q, dtype=np.float32))
     k, v = (np.ascontiguousarray(x, dtype=c.row_dtype) for x in (k, v))
     if q.ndim != 3 or q.shape[0] != S or q.shape[2] != c.head_dim or q.shape[1] % c.n_kv_heads:
-        raise ValueError(f"q: expected float32 [{S}, k * {c.n_kv_heads}, {c.head_dim}], got {q.shape}")
+        raise ValueError(f"q: expected [{S}, k * {c.n_kv_heads}, {c.head_dim}], got {q.shape}")
     if k.shape != (S, c.n_kv_heads, c.head_dim) or v.shape != k.shape:
         raise ValueError(f"k, v: expected [{S}, {c.n_kv_heads}, {c.head_dim}], got {k.shape}, {v.shape}")
     if not 0 <= layer < c.n_layers:
@@ -225,8 +227,8 @@ def attend_step(cache, layer, seqs, positions, q, k, v, *, num_threads=None):
     where, pos, bad = cache.where_of(seqs), np.asarray(positions, dtype=np.int64), np.zeros(1, np.int64)
     out = np.empty(q.shape, dtype=np.float32)
     rc = load_kernel().fd_decode_step(
-        _ptr(q), _ptr(k), _ptr(v), _ptr(where), _ptr(pos), S, q.shape[1], c.n_kv_heads, c.head_dim,
-        KERNEL_DTYPES[np.dtype(c.dtype)], layer, c.n_layers, float(1.0 / np.sqrt(c.head_dim)),
+        _ptr(q), KERNEL_DTYPES[q.dtype], _ptr(k), _ptr(v), _ptr(where), _ptr(pos), S, q.shape[1], c.n_kv_heads,
+        c.head_dim, KERNEL_DTYPES[np.dtype(c.dtype)], layer, c.n_layers, float(1.0 / np.sqrt(c.head_dim)),
         int(num_threads or 0), _ptr(out), _ptr(bad))
     if rc in (-4, -5):   # a hole or past capacity: the store says which, in its own words
         cache.check_position(seqs[bad[0]], layer, int(pos[bad[0]]))
@@ -245,7 +247,7 @@ class Worker:
 
     def __init__(self, threads=None, kv_mem=kvcache.parse_size(kvcache.DEFAULT_KV_MEM)):
         self.threads, self.kv_mem = threads, kv_mem
-        self.cache = self.n_heads = None
+        self.cache = self.n_heads = self.q_dtype = None
         self.lock = threading.Lock()   # connections are threads; the store is shared
         self.handlers = {wire.CONFIGURE: self.configure, wire.ADD: self.add, wire.FILL: self.fill,
                          wire.DECODE: self.decode, wire.DROP: self.drop, wire.STATS: self.stats}
@@ -258,16 +260,16 @@ class Worker:
         return self.handlers[mtype](meta, payload)
 
     def configure(self, meta, payload):
-        n_layers, hkv, hq, d, code = meta
-        if code not in wire.KV_DTYPES or hq < 1 or hkv < 1 or hq % hkv or d % 8 or not 8 <= d <= 256 \
-                or not 1 <= n_layers <= 1024:
+        n_layers, hkv, hq, d, code, q_code = meta
+        if code not in wire.KV_DTYPES or wire.KV_DTYPES.get(q_code, "int8") == "int8" or hq < 1 or hkv < 1 \
+                or hq % hkv or d % 8 or not 8 <= d <= 256 or not 1 <= n_layers <= 1024:
             raise ValueError(f"bad configuration {meta}")
         cfg = kvcache.KVConfig(n_layers, hkv, d, wire.KV_DTYPES[code], self.kv_mem)
         if self.cache is not None and self.cache.blocks and cfg != self.cache.cfg:
             raise ValueError("cannot reconfigure a worker that holds sequences")
         if self.cache is None or cfg != self.cache.cfg:
             self.cache = kvcache.KVCache(cfg, write_int8=store_int8)
-        self.n_heads = hq
+        self.n_heads, self.q_dtype = hq, wire.KV_DTYPES[q_code]
         return wire.OK, (), ()
 
     def add(self, meta, payload):
@@ -287,7 +289,7 @@ class Worker:
         if not 0 <= layer < c.n_layers or not 1 <= S <= 65536:
             raise ValueError(f"layer {layer} or batch {S} out of range")
         ids, pos, q, k, v = wire.split_payload(payload, wire.decode_parts(S, self.n_heads, c.n_kv_heads,
-                                                                         c.head_dim, c.row_dtype))
+                                                                         c.head_dim, c.row_dtype, self.q_dtype))
         if len(set(ids.tolist())) != S:
             raise ValueError("duplicate sequence ids in one decode call")
         t = time.perf_counter_ns()

@@ -12,8 +12,10 @@ listen beyond loopback (`check_bind`).
 
 K and V travel in the worker's row dtype (kvcache.KVConfig.row_dtype): float16, float32 or bfloat16 as the
 cache stores them, and float16 for an int8 cache, which the worker quantizes as it writes (so
-the scales never travel, and the in-process loop rounds exactly the same float16 rows). q and
-o are always float32.
+the scales never travel, and the in-process loop rounds exactly the same float16 rows). q
+travels in the S-Part's dtype (float32, bfloat16 or float16, as CONFIGURE names it: it was
+computed in that dtype, so nothing is rounded, and a bf16 batch's q is half float32's bytes);
+o is always float32.
 
 A connection opens with a challenge (HELLO: needs_auth, 32-byte nonce); the engine answers
 AUTH with HMAC-SHA256(secret, nonce), or zeros when the worker needs no secret. A bad header
@@ -32,8 +34,9 @@ import struct
 import ml_dtypes  # noqa: F401  (gives NumPy the "bfloat16" dtype that bfloat16 rows travel in)
 import numpy as np
 
-MAGIC, VERSION = b"FDR1", 3                 # 2: STATS_REPLY carries bytes_spare; 3: int8 stores hold float16 scales
-                                            # (a token takes 2 bytes a head less: engine and worker must agree)
+MAGIC, VERSION = b"FDR1", 4                 # 2: STATS_REPLY carries bytes_spare; 3: int8 stores hold float16 scales
+                                            # (a token takes 2 bytes a head less: engine and worker must agree);
+                                            # 4: q travels in the S-Part's dtype, named in CONFIGURE
 HEADER = struct.Struct("<4sBBHIQ")          # magic, version, type, reserved, meta len, payload len
 MAX_META = 64
 DEFAULT_MAX_FRAME = 256 * 2**20             # bytes of payload; prefill ships one layer per frame
@@ -44,7 +47,7 @@ DEFAULT_MAX_FRAME = 256 * 2**20             # bytes of payload; prefill ships on
 META = {  # fixed binary meta per message type
     HELLO: struct.Struct("<B32s"),          # needs_auth, nonce
     AUTH: struct.Struct("<32s"),            # HMAC-SHA256(secret, nonce), zeros without a secret
-    CONFIGURE: struct.Struct("<IIIIB"),     # n_layers, Hkv, Hq, D, kv dtype code (KV_DTYPES)
+    CONFIGURE: struct.Struct("<IIIIBB"),    # n_layers, Hkv, Hq, D, kv dtype code (KV_DTYPES), q's (not int8)
     ADD: struct.Struct("<QI"),              # seq id, capacity in tokens
     FILL: struct.Struct("<QII"),            # seq id, layer, L; payload K then V [L, Hkv, D], row dtype
     DECODE: struct.Struct("<II"),           # layer, S; payload see decode_parts
@@ -59,11 +62,11 @@ KV_DTYPES = {0: "float16", 1: "float32", 2: "int8", 3: "bfloat16"}  # CONFIGURE'
 KV_CODES = {name: code for code, name in KV_DTYPES.items()}
 
 
-def decode_parts(S, n_heads, n_kv_heads, head_dim, row_dtype):
-    """The DECODE payload, in order: ids u64 [S], positions u32 [S], q f32 [S, Hq, D],
+def decode_parts(S, n_heads, n_kv_heads, head_dim, row_dtype, q_dtype):
+    """The DECODE payload, in order: ids u64 [S], positions u32 [S], q [S, Hq, D] in q_dtype,
     k, v [S, Hkv, D] in the row dtype that travels (float16 for an int8 cache, see above).
     Both ends build it from here."""
-    return [(np.uint64, (S,)), (np.uint32, (S,)), (np.float32, (S, n_heads, head_dim)),
+    return [(np.uint64, (S,)), (np.uint32, (S,)), (q_dtype, (S, n_heads, head_dim)),
             (row_dtype, (S, n_kv_heads, head_dim)), (row_dtype, (S, n_kv_heads, head_dim))]
 
 

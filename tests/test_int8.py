@@ -97,8 +97,8 @@ def test_worker_quantizes_float16_rows_and_attends_like_the_reference(worker):
     bad = [(wire.FILL, (100, 0, 3), [np.ones((3, 2, 16), np.int8)] * 2),       # int8 rows do not travel
            (wire.DECODE, (0, 1), [np.full(1, 100, np.uint64), np.zeros(1, np.uint32), q,  # float32 k, v
                                   np.ones((1, 2, 16), np.float32), np.ones((1, 2, 16), np.float32)]),
-           (wire.CONFIGURE, (2, 2, 4, 16, 0), []),            # to float16 while holding a sequence
-           (wire.CONFIGURE, (2, 2, 4, 16, 9), [])]            # no such dtype code
+           (wire.CONFIGURE, (2, 2, 4, 16, 0, 1), []),            # to float16 while holding a sequence
+           (wire.CONFIGURE, (2, 2, 4, 16, 9, 1), [])]            # no such dtype code
     for mtype, meta, payload in bad:                          # well framed but wrong: ERROR, serve on
         with pytest.raises(RuntimeError, match="worker"):
             c.call(mtype, meta, payload)

@@ -89,6 +89,23 @@ def test_attend_step_is_write_batch_then_the_kernel_on_views(dtype):
     assert all(np.array_equal(fused.lengths[s], slow.lengths[s]) for s in seqs), "a bad step moved a length"
 
 
+@pytest.mark.parametrize("q_dtype", ["bfloat16", "float16"])
+def test_attend_step_widens_a_16_bit_q_exactly(q_dtype):
+    """q arrives in the S-Part's dtype (wire.py); the C step widens it. The same q handed over
+    already widened to float32 must give the same output, bit for bit."""
+    cfg = kvcache.KVConfig(2, 2, 16, "bfloat16", 2**22)
+    rng, stores = np.random.default_rng(4), [kvcache.KVCache(cfg), kvcache.KVCache(cfg)]
+    K = rng.standard_normal((2, 9, 2, 16)).astype(kvcache.BFLOAT16)
+    for c in stores:
+        c.allocate(3, 12)
+        c.fill(3, 1, K[0], K[1])
+    q = (rng.standard_normal((1, 4, 16)) * 3).astype(q_dtype)
+    k, v = (rng.standard_normal((1, 2, 16)).astype(kvcache.BFLOAT16) for _ in "kv")
+    narrow = rpart.attend_step(stores[0], 1, [3], [9], q, k, v)
+    wide = rpart.attend_step(stores[1], 1, [3], [9], q.astype(np.float32), k, v)
+    assert np.array_equal(narrow, wide)
+
+
 def test_freed_memory_is_reused_within_the_budget():
     """A freed sequence's buffer serves the next one that fits in it (at most 1/8 larger), so its
     pages are not faulted in again, and shows nothing of what it held; spares are let go, oldest
@@ -153,9 +170,11 @@ def malformed_requests(rng):
     yield wire.FILL, (7, 0, 20), [np.ones((20, 2, 16), np.float16)] * 2       # more than capacity
     yield wire.FILL, (7, 0, 3), [np.ones((3, 2, 16), np.float16)]             # V missing
     yield wire.DROP, (12345,), []                                             # unknown sequence
-    yield wire.CONFIGURE, (2, 3, 4, 16, 0), []                                # Hq % Hkv
-    yield wire.CONFIGURE, (2, 2, 4, 12, 0), []                                # D % 8
-    yield wire.CONFIGURE, (2, 2, 4, 16, 9), []                                # dtype code
+    yield wire.CONFIGURE, (2, 3, 4, 16, 0, 1), []                             # Hq % Hkv
+    yield wire.CONFIGURE, (2, 2, 4, 12, 0, 1), []                             # D % 8
+    yield wire.CONFIGURE, (2, 2, 4, 16, 9, 1), []                             # dtype code
+    yield wire.CONFIGURE, (2, 2, 4, 16, 0, 2), []                             # an int8 q
+    yield wire.CONFIGURE, (2, 2, 4, 16, 0, 7), []                             # no such q dtype
     yield wire.FILL, (7, 0, 3), [np.ones((3, 2, 16), np.int8)] * 2            # int8 rows: only float16 travels
     yield wire.OK, (), [rng.bytes(int(rng.integers(0, 64)))]                  # not a request
 
