@@ -306,8 +306,7 @@ int fd_decode_attention(const float *q,              // [S, Hq, D]
         if (kv_dtype == FD_I8 && (!ks[s] || !vs[s])) return -2;
         total += lens[s];
     }
-    const int item = kv_dtype == FD_F32 ? 4 : kv_dtype == FD_I8 ? 1 : 2;  // bytes of one stored element
-    if (2 * total * Hkv * D * item < SMALL_CALL_BYTES) nthreads = 1;
+    if (2 * total * Hkv * D * (int64_t)kv_bytes(kv_dtype) < SMALL_CALL_BYTES) nthreads = 1;
     const int Gp = padded_group(Hq / Hkv);
     if (Gp != Hq / Hkv && (int64_t)Hkv * Gp <= 65535)
         return attend_padded(q, k, v, ks, vs, lens, S, Hq, Hkv, D, kv_dtype, scale, nthreads, o, Gp);

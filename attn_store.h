@@ -75,8 +75,8 @@ int fd_decode_step(const void *q, int q_dtype, const void *k, const void *v, con
         if (pos[s] < 0 || pos[s] > ((const int64_t *)(uintptr_t)w[3])[layer]) return -4;
         if ((uint64_t)pos[s] >= w[2]) return -5;
     }
-    const size_t row = (size_t)Hkv * D, item = kv_dtype == FD_F32 ? 4 : i8 ? 1 : 2;  // a token's elements; bytes of one
-    const size_t in_item = i8 ? 2 : item;                                             // bytes of one in k and v
+    const size_t row = (size_t)Hkv * D, item = kv_bytes(kv_dtype);  // a token's elements; bytes of one stored
+    const size_t in_item = i8 ? 2 : item;                            // bytes of one in k and v (int8's come as float16)
     const size_t nq = q_dtype == FD_F32 ? 0 : (size_t)S * Hq * D;  // q's elements to widen, if any
     void *mem = malloc((size_t)S * (4 * sizeof(void *) + sizeof(int64_t)) + nq * sizeof(float));
     if (!mem) return -3;
