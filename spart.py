@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 import prefill
 import weights
-from fast import PACKED, can_prepack, default_device_dtype, fuse_layer, layer_names, linear, prepack, prepack_layer
+from fast import PACKED, can_prepack, can_tile, default_device_dtype, fuse_layer, layer_names, linear, prepack, prepack_layer, \
+    tile_pack
 from prefill import PrefillItem, PrefillResult  # noqa: F401  (the engine builds them as spart.PrefillItem)
 from weights import canonical_name, hf_cache_dir  # noqa: F401  (callers use spart.canonical_name)
 
@@ -194,15 +195,17 @@ class SPart:
         self.tokenizer, self.source = tokenizer, source
         self.layers = [fuse_layer(cfg, weights, i) for i in range(cfg.n_layers)]
         self.packed = can_prepack(device, dtype) if pack is None else pack
+        self.tiled = self.packed and can_tile(device, dtype)  # and in matvec.c's tiles, for small batches
         if self.packed:  # the layers' matrices live only in oneDNN's layout; state_dict() unpacks
             packed = {}  # by source: layers that share memory (random weights) share one reorder
             for i, lw in enumerate(self.layers):
-                prepack_layer(lw, packed)
+                prepack_layer(lw, packed, self.tiled)
                 for key in [k for k in weights if k.startswith(f"layers.{i}.") and weights[k].dim() == 2]:
                     del weights[key]
         head = self.head_name = "lm_head.weight" if cfg.family == "llama" and not cfg.tie_embeddings \
             else "embed_tokens.weight"
         self.head_w = prepack(weights[head]) if self.packed else weights[head]  # [V, H] (embed_dim for OPT)
+        self.head_t = tile_pack(weights[head]) if self.tiled else None
         if self.packed and head == "lm_head.weight":  # a tied head's table stays: the embedding reads it
             del weights[head]
         self.inv_freq = rope_inv_freq(cfg).to(device) if cfg.family == "llama" else None
@@ -307,7 +310,7 @@ class SPart:
         c, lw = self.cfg, self.layers[layer]
         nq, nkv = c.n_heads, c.n_kv_heads
         x = self._norm(h, lw.norm1_w, lw.norm1_b) if c.family == "llama" or c.pre_ln else h
-        qkv = linear(x, lw.qkv_w, lw.qkv_b).view(h.shape[0], nq + 2 * nkv, c.head_dim)
+        qkv = linear(x, lw.qkv_w, lw.qkv_b, lw.qkv_t).view(h.shape[0], nq + 2 * nkv, c.head_dim)
         if c.family == "llama":  # q and k are adjacent heads: one rotation for both
             qk = rope(qkv[:, :nq + nkv], *rot)
             return qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
@@ -317,14 +320,14 @@ class SPart:
         """h [T, H] (this layer's input), o [T, Hq, D] attention output -> next layer's h [T, H]."""
         c, lw = self.cfg, self.layers[layer]
         o = o.reshape(h.shape[0], c.n_heads * c.head_dim).to(h.dtype)  # no-op when o is in h's dtype
-        h = h + linear(o, lw.out_w, lw.out_b)
+        h = h + linear(o, lw.out_w, lw.out_b, lw.out_t)
         if c.family == "llama":
-            gate, up = linear(self._norm(h, lw.norm2_w, None), lw.up_w).chunk(2, dim=-1)  # [T, F] x2
-            return h + linear(F.silu(gate) * up, lw.down_w)
+            gate, up = linear(self._norm(h, lw.norm2_w, None), lw.up_w, None, lw.up_t).chunk(2, dim=-1)  # [T, F] x2
+            return h + linear(F.silu(gate) * up, lw.down_w, None, lw.down_t)
         if not c.pre_ln:
             h = self._norm(h, lw.norm1_w, lw.norm1_b)
         x = self._norm(h, lw.norm2_w, lw.norm2_b) if c.pre_ln else h
-        h = h + linear(F.relu(linear(x, lw.up_w, lw.up_b)), lw.down_w, lw.down_b)
+        h = h + linear(F.relu(linear(x, lw.up_w, lw.up_b, lw.up_t)), lw.down_w, lw.down_b, lw.down_t)
         return h if c.pre_ln else self._norm(h, lw.norm2_w, lw.norm2_b)
 
     def lm_head(self, h):
@@ -332,12 +335,12 @@ class SPart:
         c = self.cfg
         if c.family == "llama":
             h = self._norm(h, self.w["norm.weight"], None)
-            return linear(h, self.head_w).float()
+            return linear(h, self.head_w, None, self.head_t).float()
         if c.pre_ln:
             h = self._norm(h, self.w["final_layer_norm.weight"], self.w["final_layer_norm.bias"])
         if c.embed_dim != c.hidden:
             h = F.linear(h, self.w["project_out.weight"])
-        return linear(h, self.head_w).float()
+        return linear(h, self.head_w, None, self.head_t).float()
 
 # --- measuring: what one layer costs (bench.py and perfmodel.py can call it) ---
 
