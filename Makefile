@@ -17,14 +17,14 @@ KERNEL_SRC := attn_cpu.c attn_common.h attn_avx512.h attn_portable.h attn_gqa.h 
 
 .PHONY: all variants debug install install-runtime test run bench clean
 
-# build attn_cpu.so and matvec.so (native, falling back to a portable build)
-all: attn_cpu.so matvec.so
+# build attn_cpu.so and matvec_cpu.so (native, falling back to a portable build)
+all: attn_cpu.so matvec_cpu.so
 
 attn_cpu.so: $(KERNEL_SRC)
 	$(CC) $(CFLAGS_FAST) $(LTO) -o $@ $< -lm || $(CC) $(CFLAGS_FAST) -o $@ $< -lm || $(CC) $(CFLAGS_PORTABLE) -o $@ $< -lm
 
 # the S-Part's matmuls at a few rows (AVX512_BF16; elsewhere a stub that says it is not there)
-matvec.so: matvec.c
+matvec_cpu.so: matvec_cpu.c
 	$(CC) $(CFLAGS_FAST) -o $@ $< || $(CC) $(CFLAGS_PORTABLE) -o $@ $<
 
 # the kernel's other code paths, built for this CPU's tests (tests/test_kernel.py loads each):
@@ -61,7 +61,7 @@ test: install all
 
 # install, then the default throughput workload on opt-1.3b (the engine builds attn_cpu.so while
 # the weights load: see client.build_kernel_in_background)
-run: install-runtime matvec.so
+run: install-runtime matvec_cpu.so
 	$(PYTHON) fastdecode.py --model opt-1.3b
 
 # side-by-side benchmarks: kernel and rpc (quick), engine vs transformers, then the perf model vs measured
@@ -74,4 +74,4 @@ bench: install all
 
 # remove build outputs
 clean:
-	rm -f matvec.so attn_cpu.so attn_cpu_debug.so attn_cpu_novnni.so attn_cpu_avx2.so attn_cpu_scalar.so
+	rm -f matvec_cpu.so attn_cpu.so attn_cpu_debug.so attn_cpu_novnni.so attn_cpu_avx2.so attn_cpu_scalar.so

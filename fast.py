@@ -8,22 +8,20 @@ AVX512_BF16, torch 2.13):
   (`LayerWeights`, `fuse_layer`): fewer torch calls per layer;
 - bf16 and float32 matrices reordered once into oneDNN's own layout (`prepack`, `linear`),
   instead of on every call (bf16) or a BLAS call on the plain matrix (float32);
-- bf16 matrices also tiled for matvec.c (`tile_pack`, `matvec`), which reads them at the
-  memory's rate where a call has at most MATVEC_ROWS rows (a decode step at a small batch):
-  oneDNN reads them at ~0.6 of that rate there, and is faster above it.
+- bf16 matrices also tiled for matvec_cpu.c (matvec.py), which reads them at the memory's rate
+  where a call has at most MATVEC_ROWS rows (a decode step at a small batch): oneDNN reads them
+  at ~0.6 of that rate there, and is faster above it.
 
 Nothing here knows the model's forward; spart.py imports it.
 
 Legend: H hidden size, Hq/Hkv heads, D head dim, F MLP width.
 """
-import ctypes
 import dataclasses
-import functools
-import os
-import subprocess
 
 import torch
 import torch.nn.functional as F
+
+from matvec import MATVEC_ROWS, Tiles, matvec, tile_pack
 
 # --- the compute dtype ---
 
@@ -95,10 +93,10 @@ class LayerWeights:
     up_b: torch.Tensor | None
     down_w: torch.Tensor                  # [H, F]
     down_b: torch.Tensor | None
-    qkv_t: "Tiles | None" = None          # the four matrices tiled for matvec.c (`prepack_layer`)
-    out_t: "Tiles | None" = None
-    up_t: "Tiles | None" = None
-    down_t: "Tiles | None" = None
+    qkv_t: Tiles | None = None            # the four matrices tiled for matvec_cpu.c (`prepack_layer`)
+    out_t: Tiles | None = None
+    up_t: Tiles | None = None
+    down_t: Tiles | None = None
 
 
 def layer_names(cfg):
@@ -171,7 +169,7 @@ def prepack(w):
 
 
 def prepack_layer(lw, packed, tiled=False):
-    """Prepack one layer's matrices (PACKED) in place, and with `tiled` tile them for matvec.c too
+    """Prepack one layer's matrices (PACKED) in place, and with `tiled` tile them for matvec_cpu.c too
     (the `_t` fields; the bias goes with the tiles). `packed` ({(address, shape): (packed matrix,
     tiles)}, one dict for all the layers) remembers each source: a matrix whose memory an earlier
     layer's already was gets a copy of that one's forms instead of a second reorder. Only random
@@ -193,75 +191,10 @@ def prepack_layer(lw, packed, tiled=False):
 
 
 def linear(x, w, b=None, tiles=None):
-    """F.linear: through matvec.c when `tiles` (w tiled) are given and x has at most MATVEC_ROWS
+    """F.linear: through matvec_cpu.c when `tiles` (w tiled) are given and x has at most MATVEC_ROWS
     rows, else through oneDNN's prepacked linear when w was prepacked. x [T, in] -> [T, out]."""
     if tiles is not None and x.shape[0] <= MATVEC_ROWS:
         return matvec(x, tiles)
     if w.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
-
-
-# --- a few rows at the memory's rate: matvec.c ---
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-MATVEC_PATH = os.path.join(HERE, "matvec.so")
-MATVEC_ROWS = 8   # calls of at most this many rows go to matvec.c (above it oneDNN is faster: see there)
-TILE_N, TILE_K = 8, 32   # matvec.c's tile: 8 weight rows by 32 columns
-
-
-@functools.cache
-def matvec_lib():
-    """matvec.so through ctypes, built with `make` when missing or older than matvec.c; None
-    where it cannot be built or this CPU lacks AVX512_BF16 (then oneDNN runs every call)."""
-    src = os.path.join(HERE, "matvec.c")
-    if not os.path.exists(MATVEC_PATH) or os.path.getmtime(src) > os.path.getmtime(MATVEC_PATH):
-        if subprocess.run(["make", "-C", HERE, "matvec.so"], capture_output=True).returncode != 0:
-            return None
-    try:
-        lib = ctypes.CDLL(MATVEC_PATH)
-    except OSError:
-        return None
-    P, I = ctypes.c_void_p, ctypes.c_int
-    lib.fd_mv_available.argtypes, lib.fd_mv_available.restype = [], I
-    lib.fd_mv_bf16.argtypes, lib.fd_mv_bf16.restype = [P, I, I, P, I, P, P, I], I
-    return lib if lib.fd_mv_available() else None
-
-
-def can_tile(device, dtype):
-    """Whether matvec.c can run this S-Part's small calls: bf16 on a CPU whose build has AVX512_BF16."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and matvec_lib() is not None
-
-
-@dataclasses.dataclass
-class Tiles:
-    """A bf16 matrix w [N, K] in matvec.c's layout, and its bias."""
-    t: torch.Tensor            # [N/8, K/32, 8, 32] bf16: 8 rows by 32 columns a tile, tiles in reading order
-    b: torch.Tensor | None     # [N] float32 (matvec.c adds it before rounding, as oneDNN does)
-
-    @property
-    def shape(self):  # (N, K), as w.shape
-        return self.t.shape[0] * TILE_N, self.t.shape[1] * TILE_K
-
-
-def tile_pack(w, b=None):
-    """w [N, K] bf16 (b [N] or None) -> Tiles, or None when N or K is not a multiple of the tile."""
-    N, K = w.shape
-    if N % TILE_N or K % TILE_K:
-        return None
-    t = w.reshape(N // TILE_N, TILE_N, K // TILE_K, TILE_K).transpose(1, 2).contiguous()
-    return Tiles(t, None if b is None else b.float().contiguous())
-
-
-def matvec(x, tiles):
-    """x [T, K] bf16 (T small) -> x @ w.T + b [T, N] bf16, w and b from `tiles`, on all of torch's threads."""
-    N, K = tiles.shape
-    if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[1] != K:
-        raise ValueError(f"matvec: x must be bf16 [T, {K}], got {x.dtype} {list(x.shape)}")
-    x = x.contiguous()
-    y = torch.empty(x.shape[0], N, dtype=torch.bfloat16)
-    b = None if tiles.b is None else tiles.b.data_ptr()
-    if matvec_lib().fd_mv_bf16(x.data_ptr(), x.shape[0], K, tiles.t.data_ptr(), N, b, y.data_ptr(),
-                               torch.get_num_threads()) != 0:
-        raise RuntimeError(f"matvec.c refused x {list(x.shape)} against w [{N}, {K}]")
-    return y

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 
 import prefill
 import weights
-from fast import PACKED, can_prepack, can_tile, default_device_dtype, fuse_layer, layer_names, linear, prepack, prepack_layer, \
-    tile_pack
+from fast import PACKED, can_prepack, default_device_dtype, fuse_layer, layer_names, linear, prepack, prepack_layer
+from matvec import MATVEC_ROWS, can_tile, llama_post, llama_pre, tile_pack
 from prefill import PrefillItem, PrefillResult  # noqa: F401  (the engine builds them as spart.PrefillItem)
 from weights import canonical_name, hf_cache_dir  # noqa: F401  (callers use spart.canonical_name)
 
@@ -195,7 +195,7 @@ class SPart:
         self.tokenizer, self.source = tokenizer, source
         self.layers = [fuse_layer(cfg, weights, i) for i in range(cfg.n_layers)]
         self.packed = can_prepack(device, dtype) if pack is None else pack
-        self.tiled = self.packed and can_tile(device, dtype)  # and in matvec.c's tiles, for small batches
+        self.tiled = self.packed and can_tile(device, dtype)  # and in matvec_cpu.c's tiles, for small batches
         if self.packed:  # the layers' matrices live only in oneDNN's layout; state_dict() unpacks
             packed = {}  # by source: layers that share memory (random weights) share one reorder
             for i, lw in enumerate(self.layers):
@@ -285,6 +285,11 @@ class SPart:
             return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.cfg.eps).to(x.dtype) * w
 
+    def _in_c(self, h, lw):
+        """Whether a Llama layer's half runs as one matvec_cpu.c call: tiled weights and a few rows."""
+        return h.shape[0] <= MATVEC_ROWS and lw.qkv_t is not None and lw.up_t is not None \
+            and lw.out_t is not None and lw.down_t is not None
+
     # --- the interface the engine drives ---
 
     def embed(self, token_ids, positions):
@@ -309,8 +314,11 @@ class SPart:
         rotary applied (views into one [T, (Hq + 2 Hkv) D] result: not contiguous)."""
         c, lw = self.cfg, self.layers[layer]
         nq, nkv = c.n_heads, c.n_kv_heads
-        x = self._norm(h, lw.norm1_w, lw.norm1_b) if c.family == "llama" or c.pre_ln else h
-        qkv = linear(x, lw.qkv_w, lw.qkv_b, lw.qkv_t).view(h.shape[0], nq + 2 * nkv, c.head_dim)
+        if c.family == "llama" and self._in_c(h, lw):   # the norm and the matmul in one C call
+            qkv = llama_pre(h, lw.norm1_w, c.eps, lw.qkv_t).view(h.shape[0], nq + 2 * nkv, c.head_dim)
+        else:
+            x = self._norm(h, lw.norm1_w, lw.norm1_b) if c.family == "llama" or c.pre_ln else h
+            qkv = linear(x, lw.qkv_w, lw.qkv_b, lw.qkv_t).view(h.shape[0], nq + 2 * nkv, c.head_dim)
         if c.family == "llama":  # q and k are adjacent heads: one rotation for both
             qk = rope(qkv[:, :nq + nkv], *rot)
             return qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]
@@ -320,6 +328,8 @@ class SPart:
         """h [T, H] (this layer's input), o [T, Hq, D] attention output -> next layer's h [T, H]."""
         c, lw = self.cfg, self.layers[layer]
         o = o.reshape(h.shape[0], c.n_heads * c.head_dim).to(h.dtype)  # no-op when o is in h's dtype
+        if c.family == "llama" and self._in_c(h, lw):   # the whole of the below in one C call
+            return llama_post(h, o, lw.out_t, lw.norm2_w, c.eps, lw.up_t, lw.down_t)
         h = h + linear(o, lw.out_w, lw.out_b, lw.out_t)
         if c.family == "llama":
             gate, up = linear(self._norm(h, lw.norm2_w, None), lw.up_w, None, lw.up_t).chunk(2, dim=-1)  # [T, F] x2
