@@ -183,9 +183,21 @@ def test_requests_arriving_while_others_run(tiny, reference):
         assert g == reference(directory, p, 30).token_ids
 
 
-def test_disconnect_aborts_and_frees_kv(tiny):
-    srv, _ = tiny
-    body = {"model": "tiny", "prompt": [4, 5, 6], "max_tokens": 200, "temperature": 0, "stream": True,
+@pytest.fixture(scope="module")
+def roomy(checkpoint):
+    """The tiny model with KV for 8192 tokens: a request as long as its 512 positions allow takes
+    ~0.75 s here, time enough for a client to read a few tokens, look at the metrics and hang up
+    before it would end. (With the `tiny` server's 256 tokens of KV a request could last only
+    ~0.3 s, and on a busy machine it finished before the hang-up was seen.)"""
+    directory, _ = checkpoint("llama-gqa")
+    srv = ServerProcess(directory, "--workers", "1", "--kv-mem", "1MiB", "--api-key", KEY, "--served-model-name", "tiny")
+    yield srv
+    srv.stop()
+
+
+def test_disconnect_aborts_and_frees_kv(roomy):
+    srv = roomy
+    body = {"model": "tiny", "prompt": [4, 5, 6], "max_tokens": 500, "temperature": 0, "stream": True,
             "ignore_eos": True}
     aborted = srv.metric("fastdecode:request_success_total", '{finished_reason="abort"}')
     with httpx.stream("POST", srv.url + "/v1/completions", json=body,
