@@ -86,6 +86,13 @@ def _rows(x, K, what):
     return x.contiguous()
 
 
+def _weight(w, H, what):
+    """A norm's weight as matvec_cpu.c reads it: H bf16 values in a row (it reads exactly H)."""
+    if w.dtype != torch.bfloat16 or w.shape != (H,):
+        raise ValueError(f"{what}: the norm's weight must be bf16 [{H}], got {w.dtype} {list(w.shape)}")
+    return w.contiguous()
+
+
 def _check(rc, what):
     if rc != 0:
         raise RuntimeError(f"matvec_cpu.c refused {what}")
@@ -106,7 +113,7 @@ def llama_pre(h, norm_w, eps, qkv):
     """Llama's RMSNorm then the q, k, v projection: h [T, H] -> [T, N] bf16 (spart.pre_attn's
     first two lines in one call). norm_w [H] bf16; qkv: the stacked projection's Tiles (no bias)."""
     N, H = qkv.shape
-    h = _rows(h, H, "llama_pre")
+    h, norm_w = _rows(h, H, "llama_pre"), _weight(norm_w, H, "llama_pre")
     y = torch.empty(h.shape[0], N, dtype=torch.bfloat16)
     _check(matvec_lib().fd_llama_pre_bf16(h.data_ptr(), h.shape[0], H, norm_w.data_ptr(), eps, qkv.t.data_ptr(),
                                           N, y.data_ptr(), torch.get_num_threads()), f"h {list(h.shape)}")
@@ -119,8 +126,8 @@ def llama_post(h, o, out, norm_w, eps, up, down):
     H, QD = out.shape
     F = down.shape[1]
     h, o = _rows(h, H, "llama_post"), _rows(o, QD, "llama_post (o)")
-    T = h.shape[0]
-    if o.shape[0] != T or up.shape != (2 * F, H):
+    norm_w, T = _weight(norm_w, H, "llama_post"), h.shape[0]
+    if o.shape[0] != T or up.shape != (2 * F, H) or down.shape[0] != H:   # C reads each by these widths
         raise ValueError(f"llama_post: o {list(o.shape)} for h {list(h.shape)}, up {up.shape} for down {down.shape}")
     y, gu, a = (torch.empty(T, n, dtype=torch.bfloat16) for n in (H, 2 * F, F))
     _check(matvec_lib().fd_llama_post_bf16(h.data_ptr(), o.data_ptr(), T, H, QD, out.t.data_ptr(), norm_w.data_ptr(),

@@ -126,6 +126,11 @@ def test_llama_halves_equal_the_torch_forward(T):
     assert_nearly_bit_equal(got, want, f"llama_post T {T}")
     with pytest.raises(ValueError, match="llama_post"):
         matvec.llama_post(h, o[:, :64], out, norm_w, eps, up, down)
+    with pytest.raises(ValueError, match="llama_post"):         # a down projection of the wrong width
+        matvec.llama_post(h, o, out, norm_w, eps, up, matvec.tile_pack(bf16(H + 8, F)))
+    for bad_w in (norm_w.float(), norm_w[:64]):                # C would read H bf16 values from it
+        with pytest.raises(ValueError, match="the norm's weight"):
+            matvec.llama_pre(h, bad_w, eps, qkv)
 
 
 @needs_bf16
